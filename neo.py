@@ -1,0 +1,845 @@
+"""
+NEO: a native vision-language model in one file.
+
+No vision encoder: raw pixels go through two small convolutions straight into one decoder-only
+transformer, which learns to see and to speak at once ("From Pixels to Words", arXiv 2510.14979;
+NEO-ov, arXiv 2605.28820). Notable features, each its own piece of code below:
+  1. PatchEmbed: Conv(16px) -> GELU -> 2-D rotary rotation of the patch features -> Conv(2x2), so one
+     visual token covers 32x32 pixels at the image's native resolution.
+  2. Native-RoPE + multi-head native attention (Attention): every token carries (t, h, w) indices;
+     q/k have the LLM's own T channels (base 1e6) plus D extra H/W channels (base 1e4) with their own
+     norms; the logit is the sum of the three dot products.
+  3. The mixed mask (build_attention_mask): causal over text, bidirectional inside one image.
+  4. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
+The math follows ../shared/DESIGN.md and reproduces the authors' logits (test_neo.py).
+
+    python neo.py    # draws the (t, h, w) indices and the attention mask of an example to mask.png
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # the one "no loss here" value, in targets everywhere
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class NEOConfig:
+    # language model (Qwen3 names in comments)
+    vocab_size: int = 264            # bytes tokenizer: 262 ids, padded up to a multiple of 8
+    d_model: int = 256               # hidden_size
+    n_layer: int = 4                 # Post-LLM layers: the pretrained LLM's own
+    n_pre_layers: int = 2            # Pre-Buffer layers: new, in front of the LLM
+    n_head: int = 8                  # num_attention_heads
+    n_kv_head: int = 4               # num_key_value_heads (grouped-query attention)
+    head_dim: int = 32               # D; the q/k vectors have 2D channels: T (D) + H (D/2) + W (D/2)
+    d_mlp: int = 704                 # intermediate_size (SwiGLU)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6          # T axis, the LLM's own base
+    rope_theta_hw: float = 1e4       # H and W axes
+    tie_word_embeddings: bool = True
+    max_seq_len: int = 1024          # longest sequence generate() preallocates a cache for
+    # vision: pixels -> tokens
+    patch_size: int = 16
+    downsample: int = 2              # 2x2 patches -> one token, so one token = 32x32 px
+    vision_dim: int = 128            # C_v, channels of the 16-px patch features (1024 in NEO)
+    rope_theta_vision: float = 1e4   # 2-D rotation of patch features
+    min_pixels: int = 64 * 64
+    max_pixels: int = 256 * 256
+    # special token ids (from the tokenizer; these are the toy bytes tokenizer's)
+    img_start_id: int = 259          # <img>
+    img_end_id: int = 260            # </img>
+    img_context_id: int = 261        # <IMG_CONTEXT>, replaced by one visual token each
+    # ablation switches (NEO paper Table 3): native|1d, mixed|causal
+    rope: str = "native"
+    mask: str = "mixed"
+    attn: str = "auto"               # auto|sdpa|flex|math, see attention()
+
+    def __post_init__(self):
+        assert self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} not a multiple of n_kv_head {self.n_kv_head}"
+        assert self.head_dim % 4 == 0, "head_dim must split into H and W halves of even size"
+        assert self.vision_dim % 4 == 0, "vision_dim must split into x and y halves of even size"
+        assert self.rope in ("native", "1d"), f"rope must be native or 1d, got {self.rope}"
+        assert self.mask in ("mixed", "causal"), f"mask must be mixed or causal, got {self.mask}"
+        assert self.attn in ("auto", "sdpa", "flex", "math"), f"attn must be auto|sdpa|flex|math, got {self.attn}"
+
+    @property
+    def n_layer_total(self):
+        return self.n_pre_layers + self.n_layer
+
+    @property
+    def token_px(self):  # pixels per visual token side
+        return self.patch_size * self.downsample
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # ~4M parameters: trains on a 2-core CPU in minutes. Same architecture as NEO, smaller sizes.
+    "toy": dict(),
+    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers (DESIGN.md §5). Image token ids are
+    # those of NEO's added tokens; a checkpoint's own config/tokenizer always overrides them.
+    "neo-2b": dict(vocab_size=151936, d_model=2048, n_layer=28, n_pre_layers=12, n_head=16, n_kv_head=8,
+                   head_dim=128, d_mlp=6144, tie_word_embeddings=True, max_seq_len=8192, vision_dim=1024,
+                   min_pixels=256 * 256, max_pixels=2048 * 2048,
+                   img_start_id=151670, img_end_id=151671, img_context_id=151669),
+    # NEO-9B = Qwen3-8B (36 layers, untied) + 6 Pre-Buffer layers.
+    "neo-9b": dict(vocab_size=151936, d_model=4096, n_layer=36, n_pre_layers=6, n_head=32, n_kv_head=8,
+                   head_dim=128, d_mlp=12288, tie_word_embeddings=False, max_seq_len=8192, vision_dim=1024,
+                   min_pixels=256 * 256, max_pixels=2048 * 2048,
+                   img_start_id=151670, img_end_id=151671, img_context_id=151669),
+}
+
+# -----------------------------------------------------------------------------
+# Primitives
+
+
+class RMSNorm(nn.Module):
+    """Qwen3 RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(pos, dim, theta):
+    """cos/sin for rotate-half RoPE over `dim` channels at integer positions pos (...) -> (..., dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    freqs = pos.float()[..., None] * inv_freq            # (..., dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)              # channel i pairs with i + dim/2
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def rope_interleaved(x, pos, theta):
+    """RoPE with interleaved pairs (channels 2i, 2i+1), as the authors rotate patch features. x (N, C)."""
+    C = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, C, 2, device=x.device, dtype=torch.float32) / C)
+    ang = pos.float()[:, None] * inv_freq                # (N, C/2)
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]                  # (N, C/2) each
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)  # (N, C)
+
+
+# -----------------------------------------------------------------------------
+# 1. Pixels to tokens
+
+
+class PatchEmbed(nn.Module):
+    """(3, H, W) pixels -> (H/32 * W/32, d_model) visual tokens, row-major. No vision encoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.dense_embedding = nn.Conv2d(cfg.vision_dim, cfg.d_model, cfg.downsample, stride=cfg.downsample)
+
+    def forward(self, img):
+        cfg, C = self.cfg, self.cfg.vision_dim
+        x = F.gelu(self.patch_embedding(img[None]))[0]   # (C, gh, gw) on the 16-px grid
+        gh, gw = x.shape[1:]
+        x = x.permute(1, 2, 0).reshape(gh * gw, C)        # (N16, C) row-major
+        # the only absolute position signal NEO has: first C/2 channels rotate with the column (x),
+        # last C/2 with the row (y); computed in float32 as the authors do.
+        rows = torch.arange(gh, device=img.device).repeat_interleave(gw)
+        cols = torch.arange(gw, device=img.device).repeat(gh)
+        x = x.float()
+        x = torch.cat((rope_interleaved(x[:, :C // 2], cols, cfg.rope_theta_vision),
+                       rope_interleaved(x[:, C // 2:], rows, cfg.rope_theta_vision)), dim=-1)
+        x = x.to(img.dtype).reshape(gh, gw, C).permute(2, 0, 1)  # (C, gh, gw)
+        x = self.dense_embedding(x[None])[0]              # (d_model, gh/2, gw/2)
+        return x.flatten(1).transpose(0, 1)               # (N, d_model), N = gh/2 * gw/2
+
+
+# -----------------------------------------------------------------------------
+# 2. Native-RoPE indices and 4. the mixed mask
+
+
+def build_positions(input_ids, grids, cfg, doc_ids=None):
+    """(t, h, w) index of every token, plus which image each visual token belongs to.
+
+    input_ids (B, L); grids: list of (rows, cols) token grids, one per image span in row-major order.
+    Returns pos (3, B, L) long and img_id (B, L) long (-1 for text). Example, one document:
+        tokens  a  b  <img> v v v v v v </img> c      (a 2x3-token image)
+        t       0  1  2     3 3 3 3 3 3 4      5      all visual tokens of one image share one t
+        h       0  0  0     0 0 0 1 1 1 0      0
+        w       0  0  0     0 1 2 0 1 2 0      0
+    t = cumsum(is_not_visual + follows_img_start) - 1, restarting at 0 for every packed document.
+    """
+    B, L = input_ids.shape
+    dev = input_ids.device
+    is_vis = input_ids == cfg.img_context_id
+    if cfg.rope == "1d":  # ablation: every token, visual ones too, gets its own t
+        step = torch.ones_like(input_ids)
+    else:
+        follows_start = torch.zeros_like(is_vis)
+        follows_start[:, 1:] = input_ids[:, :-1] == cfg.img_start_id
+        step = (~is_vis).long() + follows_start.long()
+    c = step.cumsum(1)
+    # restart per document: subtract the running count just before the document's first token
+    if doc_ids is not None:
+        idx = torch.arange(L, device=dev).expand(B, L)
+        new_doc = torch.ones_like(is_vis)
+        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        start = torch.where(new_doc, idx, torch.zeros_like(idx)).cummax(1).values  # (B, L)
+        before = F.pad(c, (1, 0))[:, :-1]                  # c at position i-1, 0 at i=0
+        c = c - before.gather(1, start)
+    t = c - 1
+    # h, w: row and column on each image's own token grid, starting at (0, 0)
+    h = torch.zeros_like(input_ids)
+    w = torch.zeros_like(input_ids)
+    img_id = torch.full_like(input_ids, -1)
+    n_vis = int(is_vis.sum())
+    n_expect = sum(r * c_ for r, c_ in grids)
+    if n_vis != n_expect:
+        raise ValueError(f"input_ids hold {n_vis} <IMG_CONTEXT> tokens but the images give {n_expect} "
+                         f"visual tokens; build each span as <img> + (H/32)*(W/32) x <IMG_CONTEXT> + </img>")
+    if n_vis:
+        hs, ws, ids = [], [], []
+        for k, (r, c_) in enumerate(grids):
+            hs.append(torch.arange(r, device=dev).repeat_interleave(c_))
+            ws.append(torch.arange(c_, device=dev).repeat(r))
+            ids.append(torch.full((r * c_,), k, device=dev))
+        if cfg.rope == "native":
+            h[is_vis], w[is_vis] = torch.cat(hs), torch.cat(ws)  # boolean assignment is row-major
+        img_id[is_vis] = torch.cat(ids)
+    return torch.stack((t, h, w)), img_id
+
+
+def mask_rule(doc_q, doc_k, img_q, img_k, q_idx, k_idx, mixed=True):
+    """allowed(i, j) = same_document AND (j <= i OR i and j are visual tokens of the same image)."""
+    allowed = k_idx <= q_idx
+    if mixed:
+        allowed = allowed | ((img_q == img_k) & (img_q >= 0))
+    return allowed & (doc_q == doc_k)
+
+
+def build_attention_mask(doc_ids, img_id, mixed=True):
+    """Boolean (B, 1, L, L) mask, True = may attend. For `a <img> v v </img> b` (one doc):
+          a s v v e b
+        a 1 . . . . .
+        s 1 1 . . . .
+        v 1 1 1 1 . .     the two visual tokens see each other (bidirectional inside the image)
+        v 1 1 1 1 . .
+        e 1 1 1 1 1 .     <img>/</img> are ordinary causal text tokens
+        b 1 1 1 1 1 1
+    """
+    L = img_id.shape[1]
+    idx = torch.arange(L, device=img_id.device)
+    m = mask_rule(doc_ids[:, :, None], doc_ids[:, None, :], img_id[:, :, None], img_id[:, None, :],
+                  idx[:, None], idx[None, :], mixed)
+    return m[:, None]  # (B, 1, L, L)
+
+
+def build_block_mask(doc_ids, img_id, mixed=True):
+    """The same rule as a FlexAttention BlockMask: no L x L tensor is ever made (CUDA, long packs)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_rule(doc_ids[b, q_idx], doc_ids[b, kv_idx], img_id[b, q_idx], img_id[b, kv_idx],
+                         q_idx, kv_idx, mixed)
+    B, L = doc_ids.shape
+    return create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
+
+
+_flex_attention = None
+
+
+def attention(q, k, v, mask, scale):
+    """q (B, nh, L, 2D), k (B, nkv, S, 2D), v (B, nkv, S, D) -> (B, nh, L, D).
+    mask: None (attend to everything: single-token decode), a bool (B, 1, L, S) tensor, or a BlockMask."""
+    global _flex_attention
+    if mask is not None and not isinstance(mask, torch.Tensor):  # BlockMask -> FlexAttention
+        if _flex_attention is None:
+            from torch.nn.attention.flex_attention import flex_attention
+            _flex_attention = torch.compile(flex_attention, dynamic=False)
+        return _flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # hand-written masked softmax: measured 2-4x faster than SDPA with a bool mask in bf16 on CPU
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        att = (q @ k.transpose(-2, -1)).float() * scale   # (B, nh, L, S)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        return att.softmax(-1).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+# -----------------------------------------------------------------------------
+# 3. Multi-head native attention, and the rest of a Qwen3 layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        nh, nkv, D, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(d, nh * D, bias=False)      # the LLM's own T channels
+        self.k_proj = nn.Linear(d, nkv * D, bias=False)
+        self.v_proj = nn.Linear(d, nkv * D, bias=False)
+        self.o_proj = nn.Linear(nh * D, d, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps)
+        # NEO's addition: D more q/k channels per head that see only the h and w indices, so spatial
+        # position gets its own frequencies (base 1e4) and its own norms without disturbing the LLM's T.
+        self.q_proj_hw = nn.Linear(d, nh * D, bias=False)
+        self.k_proj_hw = nn.Linear(d, nkv * D, bias=False)
+        self.q_norm_h, self.q_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
+        self.k_norm_h, self.k_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache=None):
+        B, L, _ = x.shape
+        nh, nkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = rope  # each (B, L, 1, *)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, L, nh, D)), cos_t, sin_t)   # (B, L, nh, D)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, L, nkv, D)), cos_t, sin_t)  # (B, L, nkv, D)
+        v = self.v_proj(x).view(B, L, nkv, D)
+        if self.cfg.rope == "native":
+            q_h, q_w = self.q_proj_hw(x).view(B, L, nh, D).chunk(2, dim=-1)    # (B, L, nh, D/2) each
+            k_h, k_w = self.k_proj_hw(x).view(B, L, nkv, D).chunk(2, dim=-1)
+            q = torch.cat((q, apply_rope(self.q_norm_h(q_h), cos_h, sin_h),
+                           apply_rope(self.q_norm_w(q_w), cos_w, sin_w)), dim=-1)  # (B, L, nh, 2D)
+            k = torch.cat((k, apply_rope(self.k_norm_h(k_h), cos_h, sin_h),
+                           apply_rope(self.k_norm_w(k_w), cos_w, sin_w)), dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, ch)
+        if cache is not None:
+            k, v = cache.update(k, v)                       # (B, nkv, S, ch): the whole cache so far
+        # the logit is q_t.k_t + q_h.k_h + q_w.k_w, scaled by 1/sqrt(D) (not 1/sqrt(2D)), as the authors do
+        y = attention(q, k, v, mask, scale=1.0 / math.sqrt(D))   # (B, nh, L, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, nh * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# KV cache for generate()
+
+
+class KVCache:
+    """Preallocated per-layer k/v buffers. Two counters, because with Native-RoPE they differ:
+    `length` (how many tokens are cached) and `next_t` (the T index of the next token; an image of any
+    size uses one t, so next_t < length as soon as the prompt holds an image)."""
+
+    def __init__(self, cfg, B, T, device, dtype):
+        self.k = [torch.zeros(B, cfg.n_kv_head, T, 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim,
+                              device=device, dtype=dtype) for _ in range(cfg.n_layer_total)]
+        self.v = [torch.zeros(B, cfg.n_kv_head, T, cfg.head_dim, device=device, dtype=dtype)
+                  for _ in range(cfg.n_layer_total)]
+        self.length, self.layer, self.next_t = 0, 0, None
+
+    def update(self, k, v):
+        L = k.shape[2]
+        assert self.length + L <= self.k[0].shape[2], "KV cache full: raise max_seq_len"
+        self.k[self.layer][:, :, self.length:self.length + L] = k
+        self.v[self.layer][:, :, self.length:self.length + L] = v
+        end = self.length + L
+        out = self.k[self.layer][:, :, :end], self.v[self.layer][:, :, :end]
+        self.layer += 1
+        if self.layer == len(self.k):  # advance after the last layer
+            self.layer, self.length = 0, end
+        return out
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+# our parameter name -> the released checkpoints' name (DESIGN.md §7); layers are renumbered globally
+_HF_NAMES = [
+    (r"vision\.(.*)", r"vision_model.embeddings.\1"),
+    (r"embed_tokens\.weight", r"language_model.model.embed_tokens.weight"),
+    (r"norm\.weight", r"language_model.model.norm.weight"),
+    (r"lm_head\.weight", r"language_model.lm_head.weight"),
+]
+_HW = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
+
+
+class NEO(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = PatchEmbed(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pre_buffer = nn.ModuleList(Block(cfg) for _ in range(cfg.n_pre_layers))  # new layers
+        self.post_llm = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))         # the LLM's layers
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.grad_checkpointing = False  # train.py turns this on at full scale
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The one place weights are initialised: every Linear, Conv and Embedding weight N(0, 0.02),
+        biases 0, norm scales 1 (DESIGN.md §5, as the authors initialise the Pre-Buffer)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    @torch.no_grad()
+    def init_hw_from_t(self):
+        """Make new H/W projections of the Post-LLM layers leave the LLM unchanged at step 0 (DESIGN §5):
+        q_proj_hw per head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and
+        [D/2, 3D/4)), concatenated and repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
+        nh, D, d = self.cfg.n_head, self.cfg.head_dim, self.cfg.d_model
+        for blk in self.post_llm:
+            a = blk.self_attn
+            q = a.q_proj.weight.view(nh, D, d)
+            hi = torch.cat((q[:, :D // 4], q[:, D // 2:3 * D // 4]), dim=1)  # (nh, D/2, d)
+            a.q_proj_hw.weight.copy_(torch.cat((hi, hi), dim=1).reshape(nh * D, d))
+            a.k_proj_hw.weight.zero_()
+            for n in ("q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w"):
+                getattr(a, n).weight.fill_(1.0)
+
+    def embed(self, input_ids, images):
+        """Token embeddings with each <IMG_CONTEXT> slot replaced by its visual token."""
+        x = self.embed_tokens(input_ids)                  # (B, L, d)
+        if images:
+            vis = torch.cat([self.vision(img.to(x.dtype)) for img in images])  # (N_vis, d)
+            x = x.masked_scatter((input_ids == self.cfg.img_context_id)[..., None], vis.to(x.dtype))
+        return x
+
+    def rope_tables(self, pos):
+        """cos/sin per axis from pos (3, B, L), shaped (B, L, 1, ch) to broadcast over heads."""
+        D, cfg = self.cfg.head_dim, self.cfg
+        t = rope_cos_sin(pos[0], D, cfg.rope_theta)
+        h = rope_cos_sin(pos[1], D // 2, cfg.rope_theta_hw)
+        w = rope_cos_sin(pos[2], D // 2, cfg.rope_theta_hw)
+        return tuple((c[:, :, None], s[:, :, None]) for c, s in (t, h, w))
+
+    def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
+                cache=None, last_only=False):
+        cfg = self.cfg
+        B, L = input_ids.shape
+        for img in images or []:
+            assert img.dim() == 3 and img.shape[1] % cfg.token_px == 0 and img.shape[2] % cfg.token_px == 0, \
+                f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
+        grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
+        pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
+        if cache is not None and cache.length > 0:  # decoding text after the prompt: t continues, h = w = 0
+            pos = torch.zeros_like(pos)
+            pos[0] = cache.next_t[:, None] + torch.arange(L, device=input_ids.device)
+        if cache is not None:
+            cache.next_t = pos[0].max(1).values + 1
+        # the mask: none needed for one decoded token; plain causal when there is nothing to mix
+        if cache is not None and cache.length > 0:
+            assert L == 1, "decode one token at a time"
+            mask = None
+        else:
+            docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+            use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
+            mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
+        rope = self.rope_tables(pos)
+
+        x = self.embed(input_ids, images)
+        layers = list(self.pre_buffer) + list(self.post_llm)
+        for i, block in enumerate(layers):
+            if i == cfg.n_pre_layers:
+                pass  # <- here the Pre-Buffer ends and the Post-LLM (the pretrained Qwen3 layers) begins
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x), None   # list index keeps the time dim
+        logits = self.lm_head(x)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+        if loss_weights is None:
+            loss_weights = (targets != IGNORE_INDEX).float()
+        w = loss_weights.reshape(-1).float()
+        return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # DESIGN §6: sum(w * CE) / sum(w)
+
+    # ---- training helpers
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
+        head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
+        if cfg.tie_word_embeddings:
+            n += self.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
+        qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
+        return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps=1e-8):
+        """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    # ---- generation
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
+                        eos_id=None, seed=None, use_cache=True):
+        """Yield new token ids one at a time (B = 1 rows are yielded as ints, else (B,) tensors).
+        Prefill once with the mixed mask, then decode through a preallocated KV cache. use_cache=False
+        re-runs the whole sequence every step: the slow reference the tests compare against."""
+        B, L = input_ids.shape
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+        if use_cache:
+            param = next(self.parameters())
+            cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)),
+                            input_ids.device, param.dtype)
+            logits, _ = self(input_ids, images, cache=cache, last_only=True)
+        else:
+            seq = input_ids
+            logits, _ = self(seq, images, last_only=True)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, gen)  # (B,)
+            yield int(nxt[0]) if B == 1 else nxt
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    return
+            if i == max_new_tokens - 1 or (use_cache and cache.length + 1 > cache.k[0].shape[2]):
+                return
+            if use_cache:
+                logits, _ = self(nxt[:, None], cache=cache, last_only=True)
+            else:
+                seq = torch.cat((seq, nxt[:, None]), dim=1)
+                logits, _ = self(seq, images, last_only=True)
+
+    def generate(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None,
+                 seed=None, use_cache=True):
+        """-> (B, n_new) new token ids (stops early once every row has produced eos_id)."""
+        toks = [torch.as_tensor(t, device=input_ids.device).reshape(-1) for t in
+                self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache)]
+        return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    # ---- checkpoints: the authors' layout (DESIGN.md §7)
+
+    def hf_state_dict(self):
+        """Our state dict under the released checkpoints' names (no lm_head when tied)."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            out[to_hf_name(k, self.cfg.n_pre_layers)] = v
+        return out
+
+    def save_pretrained(self, out_dir):
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(to_hf_config(self.cfg), f, indent=2)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict().items()}
+        tmp = os.path.join(out_dir, "model.safetensors.tmp")
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # atomic: never a half-written file
+
+    def save_qwen3(self, out_dir):
+        """The Post-LLM alone as a Qwen3 checkpoint (the toy 'llm' stage hands its LLM on this way, so
+        the pre-training stage starts exactly as at full scale: from a Qwen3 folder)."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = self.cfg
+        qcfg = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
+                "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+                "tie_word_embeddings": cfg.tie_word_embeddings, "nano_neo": asdict(cfg)}
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(qcfg, f, indent=2)
+        sd = {}
+        for k, v in self.state_dict().items():
+            m = re.match(r"post_llm\.(\d+)\.(.*)", k)
+            if m and not any(h in k for h in _HW):
+                sd[f"model.layers.{m[1]}.{m[2]}"] = v
+            elif k in ("embed_tokens.weight", "norm.weight"):
+                sd["model." + k] = v
+            elif k == "lm_head.weight" and not cfg.tie_word_embeddings:
+                sd[k] = v
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load (a) a released NEO folder, (b) a Qwen3 folder (it becomes the Post-LLM; n_pre_layers new
+        Pre-Buffer layers go in front; H/W projections per DESIGN §5), or (c) our ckpt.pt (a file, or a
+        folder holding one). Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
+                and os.path.exists(os.path.join(path, "ckpt.pt")):
+            path = os.path.join(path, "ckpt.pt")
+        if os.path.isfile(path):  # (c) our training checkpoint
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                cfg = NEOConfig(**{**ckpt["model_config"], **overrides})
+                sd = ckpt["model"]
+            except Exception as e:
+                raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
+            model = cls(cfg)
+            _load_strict(model, sd, path)
+            return model
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        tensors = _read_safetensors(path)
+        if hf.get("model_type") == "qwen3":  # (b)
+            base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
+                                                 "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
+            cfg = NEOConfig(**{**base, **dict(
+                vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+                n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
+                head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+                d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
+                tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides})
+            model = cls(cfg)
+            sd = {k: v for k, v in model.state_dict().items()}  # keeps the fresh Pre-Buffer, vision, H/W
+            wanted = {}
+            for k in sd:
+                m = re.match(r"post_llm\.(\d+)\.(.*)", k)
+                if m and not any(h in k for h in _HW):
+                    wanted[f"model.layers.{m[1]}.{m[2]}"] = k
+                elif k in ("embed_tokens.weight", "norm.weight"):
+                    wanted["model." + k] = k
+                elif k == "lm_head.weight" and not cfg.tie_word_embeddings:
+                    wanted[k] = k
+            _check_keys(tensors, wanted, {k: sd[k].shape for k in sd}, path)
+            for hk, ok in wanted.items():
+                sd[ok] = tensors[hk]
+            _load_strict(model, sd, path)
+            model.init_hw_from_t()
+            return model
+        cfg = from_hf_config(hf, **overrides)  # (a)
+        model = cls(cfg)
+        wanted = {k: o for o, k in ((o, to_hf_name(o, cfg.n_pre_layers)) for o in model.state_dict())
+                  if not (o == "lm_head.weight" and cfg.tie_word_embeddings)}
+        shapes = dict((k, v.shape) for k, v in model.state_dict().items())
+        _check_keys(tensors, wanted, shapes, path)
+        sd = {o: tensors[k] for k, o in wanted.items()}
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        _load_strict(model, sd, path)
+        return model
+
+
+def sample_next(logits, temperature=0.0, top_k=None, generator=None):
+    """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k clamped to the vocabulary."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def set_trainable(model, stage):
+    """requires_grad per stage (DESIGN.md §6). pretrain: exactly the patch embedding, every Pre-Buffer
+    layer, and the H/W q/k projections and norms of every layer (the released code got this wrong,
+    DESIGN §8). midtrain/sft: everything. llm (toy only): the text model alone, without the H/W parts."""
+    for name, p in model.named_parameters():
+        hw = any(f".self_attn.{h}." in name for h in _HW)
+        if stage == "pretrain":
+            p.requires_grad = name.startswith(("vision.", "pre_buffer.")) or hw
+        elif stage in ("midtrain", "sft"):
+            p.requires_grad = True
+        elif stage == "llm":
+            p.requires_grad = not (name.startswith(("vision.", "pre_buffer.")) or hw)
+        else:
+            raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain or sft")
+
+
+# ---- checkpoint name and config mapping
+
+
+def to_hf_name(name, n_pre):
+    m = re.match(r"(pre_buffer|post_llm)\.(\d+)\.(.*)", name)
+    if m:
+        i = int(m[2]) + (n_pre if m[1] == "post_llm" else 0)
+        return f"language_model.model.layers.{i}.{m[3]}"
+    for pat, rep in _HF_NAMES:
+        if re.fullmatch(pat, name):
+            return re.sub(pat, rep, name)
+    raise KeyError(name)
+
+
+def to_hf_config(cfg):
+    """NEOConfig -> config.json in the authors' layout (plus our own fields under 'nano_neo')."""
+    return {
+        "architectures": ["NEOChatModel"], "model_type": "neo_chat", "hidden_size": cfg.d_model,
+        "img_start_token_id": cfg.img_start_id, "img_end_token_id": cfg.img_end_id,
+        "img_context_token_id": cfg.img_context_id, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "llm_config": {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+            "num_hidden_layers": cfg.n_layer_total, "extra_num_layers": cfg.n_pre_layers,
+            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_theta_hw": cfg.rope_theta_hw,
+            "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "attention_bias": False,
+            "tie_word_embeddings": cfg.tie_word_embeddings},
+        "vision_config": {
+            "model_type": "neo_vision", "hidden_size": cfg.vision_dim, "llm_hidden_size": cfg.d_model,
+            "patch_size": cfg.patch_size, "downsample_ratio": 1.0 / cfg.downsample, "num_channels": 3,
+            "rope_theta_vision": cfg.rope_theta_vision, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        "nano_neo": {k: getattr(cfg, k) for k in ("rope", "mask", "max_seq_len")},
+    }
+
+
+def from_hf_config(hf, **overrides):
+    """config.json of a released NEO (or one we saved) -> NEOConfig."""
+    try:
+        llm, vis = hf["llm_config"], hf["vision_config"]
+        n_pre = llm.get("extra_num_layers", 0)
+        kw = dict(
+            vocab_size=llm["vocab_size"], d_model=llm["hidden_size"], n_layer=llm["num_hidden_layers"] - n_pre,
+            n_pre_layers=n_pre, n_head=llm["num_attention_heads"], n_kv_head=llm["num_key_value_heads"],
+            head_dim=llm.get("head_dim", llm["hidden_size"] // llm["num_attention_heads"]),
+            d_mlp=llm["intermediate_size"], rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+            rope_theta=llm.get("rope_theta", 1e6), rope_theta_hw=llm.get("rope_theta_hw", 1e4),
+            tie_word_embeddings=hf.get("tie_word_embeddings", llm.get("tie_word_embeddings", False)),
+            patch_size=vis.get("patch_size", 16), downsample=round(1 / vis.get("downsample_ratio", 0.5)),
+            vision_dim=vis["hidden_size"], rope_theta_vision=vis.get("rope_theta_vision", 1e4),
+            min_pixels=vis.get("min_pixels", 64 * 64), max_pixels=vis.get("max_pixels", 2048 * 2048),
+            img_start_id=hf["img_start_token_id"], img_context_id=hf["img_context_token_id"],
+            # </img> is not in the authors' config.json; the tokenizer files hold it (data.py reads them)
+            img_end_id=hf.get("img_end_token_id", hf["img_start_token_id"] + 1),
+            max_seq_len=llm.get("max_position_embeddings", 8192),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json lacks {e}: not a NEO config (need llm_config, vision_config, "
+                         f"img_start_token_id, img_context_token_id)") from None
+    kw.update(hf.get("nano_neo", {}))
+    names = {f.name for f in fields(NEOConfig)}
+    bad = set(overrides) - names
+    if bad:
+        raise ValueError(f"unknown config keys {sorted(bad)}; valid: {sorted(names)}")
+    return NEOConfig(**{**kw, **overrides})
+
+
+def _read_safetensors(path):
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    out = {}
+    for fn in files:
+        try:
+            out.update(load_file(os.path.join(path, fn)))
+        except Exception as e:
+            raise ValueError(f"{os.path.join(path, fn)}: unreadable safetensors file ({e})") from None
+    return out
+
+
+def _check_keys(tensors, wanted, shapes, path):
+    """wanted: checkpoint name -> our name. Every tensor must be wanted, present and of the right shape."""
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    for hk, ok in wanted.items():
+        if tuple(tensors[hk].shape) != tuple(shapes[ok]):
+            raise ValueError(f"{path}: {hk} has shape {tuple(tensors[hk].shape)}, expected {tuple(shapes[ok])}")
+
+
+def _load_strict(model, sd, path):
+    own = model.state_dict()
+    _check_keys(sd, {k: k for k in own}, {k: v.shape for k, v in own.items()}, path)
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k])
+
+
+# -----------------------------------------------------------------------------
+# python neo.py: draw the (t, h, w) indices and the mask of an example, for the README
+
+
+def draw_example(path="mask.png"):
+    from PIL import Image, ImageDraw
+    cfg = NEOConfig()
+    S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
+    # text, a 2x2-token image, text, a 1x2 image, then a two-frame video (1x2-token frames) with timestamps
+    toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
+           ["<img>"] + ["v"] * 2 + ["</img>", "[1s]", "<img>"] + ["v"] * 2 + ["</img>", "C"]
+    ids = torch.tensor([[{"<img>": S, "</img>": E, "v": V}.get(t, 65) for t in toks]])
+    pos, img_id = build_positions(ids, [(2, 2), (1, 2), (1, 2), (1, 2)], cfg)
+    m = build_attention_mask(torch.zeros_like(ids), img_id)[0, 0]
+    L, c, top = len(toks), 22, 90
+    im = Image.new("RGB", (top + L * c + 10, top + L * c + 10), "white")
+    d = ImageDraw.Draw(im)
+    colors = [(230, 120, 120), (120, 170, 230), (120, 200, 140), (220, 190, 90)]
+    for i in range(L):
+        fill = colors[int(img_id[0, i])] if img_id[0, i] >= 0 else (200, 200, 200)
+        d.text((top + i * c + 2, 2), toks[i][:5], fill="black")
+        d.text((top + i * c + 4, 22), f"t{int(pos[0, 0, i])}", fill="black")
+        d.text((top + i * c + 4, 40), f"h{int(pos[1, 0, i])}", fill="black")
+        d.text((top + i * c + 4, 58), f"w{int(pos[2, 0, i])}", fill="black")
+        d.text((2, top + i * c + 5), f"{toks[i][:6]} t{int(pos[0, 0, i])}", fill="black")
+        for j in range(L):
+            if m[i, j]:
+                d.rectangle([top + j * c, top + i * c, top + j * c + c - 2, top + i * c + c - 2],
+                            fill=fill if img_id[0, i] >= 0 and img_id[0, i] == img_id[0, j] else (90, 90, 90))
+    im.save(path)
+    print(f"wrote {path}: rows attend to columns; coloured blocks are bidirectional image/frame units")
+
+
+if __name__ == "__main__":
+    draw_example()
