@@ -283,12 +283,17 @@ def attention(q, k, v, mask, scale):
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # hand-written masked softmax: measured 2-4x faster than SDPA with a bool mask in bf16 on CPU
         rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        att = (q @ k.transpose(-2, -1)).float() * scale   # (B, nh, L, S)
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        return att.softmax(-1).to(v.dtype) @ v
+        return attention_probs(q, k, mask, scale).to(v.dtype) @ v.repeat_interleave(rep, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def attention_probs(q, k, mask, scale):
+    """The attention matrix itself, (B, nh, L, S) in float32 (math path; also what --show_attention draws)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)  # GQA: each kv head serves n_head/n_kv_head heads
+    att = (q @ k.transpose(-2, -1)).float() * scale
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.softmax(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -311,6 +316,7 @@ class Attention(nn.Module):
         self.k_proj_hw = nn.Linear(d, nkv * D, bias=False)
         self.q_norm_h, self.q_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
         self.k_norm_h, self.k_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
+        self.keep_attn, self.last_attn = False, None
 
     def forward(self, x, rope, mask, cache=None):
         B, L, _ = x.shape
@@ -331,6 +337,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)                       # (B, nkv, S, ch): the whole cache so far
         # the logit is q_t.k_t + q_h.k_h + q_w.k_w, scaled by 1/sqrt(D) (not 1/sqrt(2D)), as the authors do
         y = attention(q, k, v, mask, scale=1.0 / math.sqrt(D))   # (B, nh, L, D)
+        if self.keep_attn:  # sample.py --show_attention sets this to read the attention map
+            self.last_attn = attention_probs(q, k, mask, 1.0 / math.sqrt(D))
         return self.o_proj(y.transpose(1, 2).reshape(B, L, nh * D))
 
 
@@ -465,6 +473,7 @@ class NEO(nn.Module):
         for img in images or []:
             assert img.dim() == 3 and img.shape[1] % cfg.token_px == 0 and img.shape[2] % cfg.token_px == 0, \
                 f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
+        assert doc_ids is None or doc_ids.shape == input_ids.shape, "doc_ids must have the shape of input_ids"
         grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
         pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
         if cache is not None and cache.length > 0:  # decoding text after the prompt: t continues, h = w = 0

@@ -1,0 +1,379 @@
+"""
+Tests for neo.py, the model. All on CPU, seconds each.
+
+    python -m pytest -q test_neo.py
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neo import (IGNORE_INDEX, NEO, NEOConfig, attention, attention_probs, build_attention_mask,
+                 build_positions, set_trainable)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "assets", "neo_official_tiny")
+
+
+def tiny_cfg(**kw):
+    return NEOConfig.preset("toy", **{**dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2,
+                                              head_dim=16, d_mlp=128, vision_dim=32), **kw})
+
+
+def span(cfg, rows, cols):
+    return [cfg.img_start_id] + [cfg.img_context_id] * (rows * cols) + [cfg.img_end_id]
+
+
+# ---- the anchor: the authors' own implementation
+
+
+def test_parity_with_authors_logits():
+    """from_pretrained on the authors' tiny NEO reproduces the logits their code computed (<= 1e-4)."""
+    model = NEO.from_pretrained(FIXTURE).eval()
+    case = torch.load(os.path.join(FIXTURE, "case.pt"), weights_only=True)
+    with torch.no_grad():
+        logits, _ = model(case["input_ids"][None], case["images"])
+    assert (logits[0] - case["logits"]).abs().max().item() <= 1e-4
+    pos, _ = build_positions(case["input_ids"][None], [(2, 3)], model.cfg)
+    assert pos[0, 0].tolist() == case["t_index"].tolist()
+
+
+# ---- Native-RoPE indices and the mask, written out by hand (DESIGN §2, §4)
+
+
+def test_positions_by_hand():
+    """text, a 2x3-token image, text, a 2x2-token image, text: t, h, w as DESIGN §2 states them."""
+    cfg = tiny_cfg()
+    a = 65
+    ids = torch.tensor([[a, a] + span(cfg, 2, 3) + [a] + span(cfg, 2, 2) + [a]])
+    pos, img_id = build_positions(ids, [(2, 3), (2, 2)], cfg)
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 4, 5, 6, 7, 7, 7, 7, 8, 9]
+    assert pos[1, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+    assert pos[2, 0].tolist() == [0, 0, 0, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 1, 0, 1, 0, 0]
+    assert img_id[0].tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 0, -1, -1, -1, 1, 1, 1, 1, -1, -1]
+
+
+def test_packed_mask_and_positions_by_hand():
+    """A packed row: doc 0 = text, two 1x2 video frames, text; doc 1 = two text tokens; t restarts."""
+    cfg = tiny_cfg()
+    a = 65
+    ids = torch.tensor([[a] + span(cfg, 1, 2) + span(cfg, 1, 2) + [a] + [a, a]])
+    doc = torch.tensor([[0] * 10 + [1] * 2])
+    pos, img_id = build_positions(ids, [(1, 2), (1, 2)], cfg, doc)
+    assert pos[0, 0].tolist() == [0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 0, 1]
+    assert pos[2, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0]
+    expected = ["100000000000",
+                "110000000000",
+                "111100000000",  # a visual token sees the later token of its own frame
+                "111100000000",
+                "111110000000",
+                "111111000000",
+                "111111110000",  # frame 2 sees frame 1 (causal across frames), and itself both ways
+                "111111110000",
+                "111111111000",
+                "111111111100",
+                "000000000010",  # doc 1 sees nothing of doc 0
+                "000000000011"]
+    mask = build_attention_mask(doc, img_id)[0, 0]
+    assert ["".join(str(int(v)) for v in row) for row in mask] == expected
+    causal = build_attention_mask(doc, img_id, mixed=False)[0, 0]
+    assert not causal[2, 3] and causal[3, 2]
+
+
+def test_rope_1d_ablation_indices():
+    """--rope=1d: every token, visual ones too, gets its own t; h = w = 0."""
+    cfg = tiny_cfg(rope="1d")
+    ids = torch.tensor([[65] + span(cfg, 1, 2) + [65]])
+    pos, _ = build_positions(ids, [(1, 2)], cfg)
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5] and pos[1:].abs().sum() == 0
+
+
+def test_image_token_count_mismatch_is_an_error():
+    cfg = tiny_cfg()
+    ids = torch.tensor([[65] + span(cfg, 1, 2)])
+    with pytest.raises(ValueError, match="IMG_CONTEXT"):
+        NEO(cfg)(ids, [torch.randn(3, 64, 64)])
+
+
+# ---- packing, backends, generation
+
+
+def test_packed_documents_equal_separate_runs():
+    """Logits of documents packed in one row equal each document run alone: images of different sizes,
+    a text-only document, two images in one document."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg).eval()
+    docs = [([1, 2] + span(cfg, 2, 3) + [3], [torch.randn(3, 64, 96)]),
+            ([4, 5, 6, 7], []),
+            ([8] + span(cfg, 1, 2) + [9] + span(cfg, 3, 1) + [10], [torch.randn(3, 32, 64), torch.randn(3, 96, 32)])]
+    ids = torch.tensor([sum((d for d, _ in docs), [])])
+    doc_ids = torch.tensor([sum(([i] * len(d) for i, (d, _) in enumerate(docs)), [])])
+    with torch.no_grad():
+        packed, _ = model(ids, sum((im for _, im in docs), []), doc_ids=doc_ids)
+        start = 0
+        for d, im in docs:
+            alone, _ = model(torch.tensor([d]), im)
+            assert torch.allclose(packed[0, start:start + len(d)], alone[0], atol=1e-5)
+            start += len(d)
+
+
+def test_math_attention_equals_sdpa():
+    """The hand-written masked softmax (CPU bf16 path) computes what SDPA computes."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 32), torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 16)
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask |= torch.eye(7, dtype=torch.bool)
+    ref = attention(q, k, v, mask, 0.25)  # fp32 on CPU: SDPA
+    got = attention_probs(q, k, mask, 0.25) @ v.repeat_interleave(2, 1)
+    assert torch.allclose(ref, got, atol=1e-5)
+    bf = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.25)  # bf16 on CPU: math path
+    assert torch.allclose(ref, bf.float(), atol=5e-2)
+
+
+def test_flex_attention_equals_sdpa():
+    """FlexAttention with a BlockMask from the same rule gives the SDPA result (compiles on CPU: ~25 s)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg).eval()
+    ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5] + span(cfg, 1, 2) + [6, 0, 0, 0]])
+    doc = torch.tensor([[0] * 9 + [1] * 7 + [-1] * 3])
+    imgs = [torch.randn(3, 64, 64), torch.randn(3, 32, 64)]
+    with torch.no_grad():
+        ref, _ = model(ids, imgs, doc_ids=doc)
+        model.cfg.attn = "flex"
+        got, _ = model(ids, imgs, doc_ids=doc)
+    assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_cached_generation_equals_uncached():
+    """Greedy decoding through the KV cache gives the tokens of the no-cache reference (image in prompt)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg).eval()
+    for p in model.parameters():  # sharper logits, so the greedy path is not decided by rounding
+        p.data.mul_(5.0) if p.dim() > 1 else None
+    ids = torch.tensor([[1, 2] + span(cfg, 2, 3) + [3, 4]])
+    img = [torch.randn(3, 64, 96)]
+    a = model.generate(ids, img, max_new_tokens=12)
+    b = model.generate(ids, img, max_new_tokens=12, use_cache=False)
+    assert a.shape == (1, 12) and a.tolist() == b.tolist()
+    assert len(set(a[0].tolist())) > 1  # not a degenerate constant stream
+
+
+# ---- checkpoints
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """save_pretrained -> from_pretrained is exact, untied and tied (no lm_head tensor when tied)."""
+    from safetensors.torch import load_file
+    for tie, kv in ((False, 2), (True, 4)):
+        torch.manual_seed(0)
+        model = NEO(tiny_cfg(tie_word_embeddings=tie, n_kv_head=kv))
+        d = tmp_path / f"tie{tie}"
+        model.save_pretrained(d)
+        names = set(load_file(d / "model.safetensors"))
+        assert ("language_model.lm_head.weight" in names) == (not tie)
+        assert "language_model.model.layers.1.self_attn.q_proj_hw.weight" in names  # global layer index
+        back = NEO.from_pretrained(str(d))
+        assert back.cfg == model.cfg
+        for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), k
+        if tie:
+            assert back.lm_head.weight.data_ptr() == back.embed_tokens.weight.data_ptr()
+
+
+def test_fixture_layout_matches_ours():
+    """Our save layout has exactly the authors' tensor names and config fields."""
+    from safetensors.torch import load_file
+    model = NEO.from_pretrained(FIXTURE)
+    ours = set(model.hf_state_dict())
+    theirs = set(load_file(os.path.join(FIXTURE, "model.safetensors")))
+    assert ours == theirs
+
+
+def test_strict_loading_errors(tmp_path):
+    """A missing tensor, a mis-shaped tensor, a garbage file, a pickle: clear errors, no silent init."""
+    from safetensors.torch import load_file, save_file
+    model = NEO(tiny_cfg())
+    model.save_pretrained(tmp_path / "m")
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    name = "language_model.model.layers.0.self_attn.k_norm_h.weight"
+    sd.pop(name)
+    save_file(sd, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match="k_norm_h"):
+        NEO.from_pretrained(str(tmp_path / "m"))
+    sd[name] = torch.ones(3)
+    save_file(sd, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match="shape"):
+        NEO.from_pretrained(str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable"):
+        NEO.from_pretrained(str(tmp_path / "m"))
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    with open(tmp_path / "ckpt.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(ValueError, match="not a nano-NEO checkpoint"):
+        NEO.from_pretrained(str(tmp_path / "ckpt.pt"))
+
+
+def qwen3_reference(sd, hf, ids):
+    """A plain Qwen3 forward written independently of neo.py: causal, 1-D RoPE, q/k norm, GQA."""
+    D, nh, nkv, eps = hf["head_dim"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["rms_norm_eps"]
+
+    def rms(x, w):
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def rot(x, cos, sin):
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+    L = len(ids)
+    ang = torch.arange(L).float()[:, None] / hf["rope_theta"] ** (torch.arange(0, D, 2).float() / D)
+    cos, sin = torch.cat((ang, ang), -1).cos()[:, None], torch.cat((ang, ang), -1).sin()[:, None]
+    x = sd["model.embed_tokens.weight"][ids]
+    causal = torch.ones(L, L).tril().bool()
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = rms((h @ sd[p + "self_attn.q_proj.weight"].T).view(L, nh, D), sd[p + "self_attn.q_norm.weight"])
+        k = rms((h @ sd[p + "self_attn.k_proj.weight"].T).view(L, nkv, D), sd[p + "self_attn.k_norm.weight"])
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(L, nkv, D)
+        q, k = rot(q, cos, sin), rot(k, cos, sin)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(L, nh * D) @ sd[p + "self_attn.o_proj.weight"].T
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) \
+            @ sd[p + "mlp.down_proj.weight"].T
+    x = rms(x, sd["model.norm.weight"])
+    return x @ sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).T
+
+
+def write_qwen3(path, tie):
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    hf = dict(model_type="qwen3", vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, intermediate_size=96, rms_norm_eps=1e-6, rope_theta=1e6,
+              tie_word_embeddings=tie)
+    sd = {"model.embed_tokens.weight": torch.randn(264, 64) * 0.5, "model.norm.weight": 1 + 0.1 * torch.randn(64)}
+    if not tie:
+        sd["lm_head.weight"] = torch.randn(264, 64) * 0.2
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for n, shp in (("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
+                       ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (96, 64)), ("mlp.up_proj", (96, 64)),
+                       ("mlp.down_proj", (64, 96))):
+            sd[p + n + ".weight"] = torch.randn(shp) * 0.2
+        for n, dim in (("self_attn.q_norm", 16), ("self_attn.k_norm", 16), ("input_layernorm", 64),
+                       ("post_attention_layernorm", 64)):
+            sd[p + n + ".weight"] = 1 + 0.1 * torch.randn(dim)
+    os.makedirs(path, exist_ok=True)
+    save_file(sd, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f)
+    return hf, sd
+
+
+def test_qwen3_init(tmp_path):
+    """A Qwen3 folder becomes the Post-LLM: its layer i lands at layer n_pre + i, the H/W projections follow
+    DESIGN §5, and with n_pre_layers=0 the text logits equal the Qwen3 model's."""
+    for tie in (True, False):
+        hf, sd = write_qwen3(tmp_path / f"q{tie}", tie)
+        model = NEO.from_pretrained(str(tmp_path / f"q{tie}"), n_pre_layers=3)
+        hsd = model.hf_state_dict()
+        assert torch.equal(hsd["language_model.model.layers.4.mlp.up_proj.weight"], sd["model.layers.1.mlp.up_proj.weight"])
+        D = 16
+        keep = list(range(0, D // 4)) + list(range(D // 2, 3 * D // 4))  # highest-frequency rotary pairs
+        for i in (0, 1):
+            a = model.post_llm[i].self_attn
+            q = sd[f"model.layers.{i}.self_attn.q_proj.weight"]
+            for h in range(4):
+                rows = q[[h * D + j for j in keep]]
+                assert torch.equal(a.q_proj_hw.weight[h * D:(h + 1) * D], torch.cat((rows, rows)))
+            assert a.k_proj_hw.weight.abs().sum() == 0 and torch.equal(a.q_norm_w.weight, torch.ones(8))
+        model0 = NEO.from_pretrained(str(tmp_path / f"q{tie}"), n_pre_layers=0).eval()
+        ids = torch.tensor([5, 17, 99, 3, 250, 8, 8, 41])
+        with torch.no_grad():
+            ours, _ = model0(ids[None])
+        assert (ours[0] - qwen3_reference(sd, hf, ids)).abs().max().item() < 1e-4
+
+
+# ---- training behaviour
+
+
+def test_pretrain_stage_changes_exactly_the_listed_parameters():
+    """After one AdamW step in `pretrain`, exactly the patch embedding, the Pre-Buffer and every layer's
+    q_proj_hw / k_proj_hw / H-W norms changed; embed_tokens, lm_head, final norm and the LLM did not."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tie_word_embeddings=False)
+    model = NEO(cfg)
+    set_trainable(model, "pretrain")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = model.configure_optimizers(0.01, 1e-3, (0.9, 0.95))
+    ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5]])
+    tg = torch.tensor([[2] + [IGNORE_INDEX] * 6 + [3, 4, 5, 6]])
+    _, loss = model(ids, [torch.randn(3, 64, 64)], tg)
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    hw = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
+    expected = {k for k in before if k.startswith(("vision.", "pre_buffer."))
+                or any(f"self_attn.{h}." in k for h in hw)}
+    assert "post_llm.1.self_attn.k_proj_hw.weight" in expected and "vision.dense_embedding.bias" in expected
+    assert changed == expected
+    set_trainable(model, "sft")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_toy_overfits_one_batch():
+    """A toy model overfits one image-caption batch: the caption loss falls by at least 10x."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg)
+    cap = list(b"a red circle")
+    ids = torch.tensor([[257] + span(cfg, 2, 2) + cap[:-1]])
+    tg = torch.tensor([[IGNORE_INDEX] * 6 + cap])
+    img = [torch.randn(3, 64, 64)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        _, loss = model(ids, img, tg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_loss_weights_and_ignore():
+    """Ignored targets carry no loss; weights give sum(w * CE) / sum(w)."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    tg = torch.tensor([[2, IGNORE_INDEX, 4, 5]])
+    w = torch.tensor([[1.0, 0.0, 0.5, 0.5]])
+    logits, loss = model(ids, targets=tg, loss_weights=w)
+    ce = F.cross_entropy(logits[0], torch.tensor([2, 0, 4, 5]), reduction="none")
+    assert torch.allclose(loss, (ce[0] + 0.5 * ce[2] + 0.5 * ce[3]) / 2.0, atol=1e-6)
+    _, plain = model(ids, targets=tg)
+    assert torch.allclose(plain, (ce[0] + ce[2] + ce[3]) / 3, atol=1e-6)
+
+
+def test_flops_and_presets():
+    """Presets have the sizes of DESIGN §5; FLOPs per token grow with the context."""
+    c = NEOConfig.preset("neo-2b")
+    assert (c.n_layer_total, c.d_model, c.n_head, c.n_kv_head, c.d_mlp, c.tie_word_embeddings) == (40, 2048, 16, 8, 6144, True)
+    c = NEOConfig.preset("neo-9b")
+    assert (c.n_layer_total, c.d_model, c.n_head, c.d_mlp, c.tie_word_embeddings) == (42, 4096, 32, 12288, False)
+    with pytest.raises(ValueError, match="toy"):
+        NEOConfig.preset("nope")
+    m = NEO(tiny_cfg())
+    assert m.flops_per_token(512) > m.flops_per_token(64) > 6 * 0.5 * m.num_params()
