@@ -398,13 +398,6 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
-# our parameter name -> the released checkpoints' name (DESIGN.md §7); layers are renumbered globally
-_HF_NAMES = [
-    (r"vision\.(.*)", r"vision_model.embeddings.\1"),
-    (r"embed_tokens\.weight", r"language_model.model.embed_tokens.weight"),
-    (r"norm\.weight", r"language_model.model.norm.weight"),
-    (r"lm_head\.weight", r"language_model.lm_head.weight"),
-]
 _HW = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 
 
@@ -577,48 +570,52 @@ class NEO(nn.Module):
 
     # ---- checkpoints: the authors' layout (DESIGN.md §7)
 
-    def hf_state_dict(self):
-        """Our state dict under the released checkpoints' names (no lm_head when tied)."""
-        out = {}
-        for k, v in self.state_dict().items():
+    def ckpt_names(self, layout="neo"):
+        """our parameter name -> its name in a released NEO checkpoint, or in a Qwen3 checkpoint (which
+        holds only the Post-LLM's text weights). A tied lm_head is not stored (safetensors drops it)."""
+        out, n_pre = {}, self.cfg.n_pre_layers
+        for k in self.state_dict():
+            m = re.match(r"(pre_buffer|post_llm)\.(\d+)\.(.*)", k)
             if k == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            out[to_hf_name(k, self.cfg.n_pre_layers)] = v
+            if layout == "qwen3":
+                if m and m[1] == "post_llm" and not any(f".{h}." in k for h in _HW):
+                    out[k] = f"model.layers.{m[2]}.{m[3]}"
+                elif k in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+                    out[k] = k if k == "lm_head.weight" else "model." + k
+            elif m:  # one global layer index: the Pre-Buffer first, then the LLM's layers
+                out[k] = f"language_model.model.layers.{int(m[2]) + (n_pre if m[1] == 'post_llm' else 0)}.{m[3]}"
+            elif k.startswith("vision."):
+                out[k] = "vision_model.embeddings." + k[len("vision."):]
+            else:
+                out[k] = ("language_model." if k == "lm_head.weight" else "language_model.model.") + k
         return out
 
-    def save_pretrained(self, out_dir):
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(to_hf_config(self.cfg), f, indent=2)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict().items()}
-        tmp = os.path.join(out_dir, "model.safetensors.tmp")
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # atomic: never a half-written file
+    def hf_state_dict(self, layout="neo"):
+        sd = self.state_dict()
+        return {name: sd[k].detach().cpu().contiguous() for k, name in self.ckpt_names(layout).items()}
 
-    def save_qwen3(self, out_dir):
-        """The Post-LLM alone as a Qwen3 checkpoint (the toy 'llm' stage hands its LLM on this way, so
-        the pre-training stage starts exactly as at full scale: from a Qwen3 folder)."""
+    def save_pretrained(self, out_dir, layout="neo"):
+        """config.json + model.safetensors in the authors' layout, so their code could load our weights.
+        layout="qwen3" writes the Post-LLM alone as a Qwen3 checkpoint: the toy 'llm' stage hands its LLM
+        on this way, so pre-training starts exactly as at full scale, from a Qwen3 folder."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         cfg = self.cfg
-        qcfg = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": cfg.vocab_size,
-                "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-                "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
-                "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-                "tie_word_embeddings": cfg.tie_word_embeddings, "nano_neo": asdict(cfg)}
+        hf = to_hf_config(cfg) if layout == "neo" else {
+            "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
+            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "nano_neo": asdict(cfg)}
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(qcfg, f, indent=2)
-        sd = {}
-        for k, v in self.state_dict().items():
-            m = re.match(r"post_llm\.(\d+)\.(.*)", k)
-            if m and not any(h in k for h in _HW):
-                sd[f"model.layers.{m[1]}.{m[2]}"] = v
-            elif k in ("embed_tokens.weight", "norm.weight"):
-                sd["model." + k] = v
-            elif k == "lm_head.weight" and not cfg.tie_word_embeddings:
-                sd[k] = v
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
+            json.dump(hf, f, indent=2)
+        tmp = os.path.join(out_dir, "model.safetensors.tmp")
+        save_file(self.hf_state_dict(layout), tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # atomic: never a half-written file
+
+    def save_qwen3(self, out_dir):
+        self.save_pretrained(out_dir, layout="qwen3")
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
@@ -628,58 +625,34 @@ class NEO(nn.Module):
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
                 and os.path.exists(os.path.join(path, "ckpt.pt")):
             path = os.path.join(path, "ckpt.pt")
-        if os.path.isfile(path):  # (c) our training checkpoint
+        if os.path.isfile(path):  # (c) our training checkpoint: tensors and plain containers only
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                cfg = NEOConfig(**{**ckpt["model_config"], **overrides})
-                sd = ckpt["model"]
+                model, tensors = cls(NEOConfig(**{**ckpt["model_config"], **overrides})), ckpt["model"]
             except Exception as e:
                 raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
-            model = cls(cfg)
-            _load_strict(model, sd, path)
+            _copy_strict(model, tensors, {k: k for k in model.state_dict()}, path)
             return model
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
+        if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
-        with open(cfg_path) as f:
+        with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
         tensors = _read_safetensors(path)
-        if hf.get("model_type") == "qwen3":  # (b)
-            base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
-                                                 "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
-            cfg = NEOConfig(**{**base, **dict(
-                vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-                n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
-                head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
-                d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
-                tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides})
-            model = cls(cfg)
-            sd = {k: v for k, v in model.state_dict().items()}  # keeps the fresh Pre-Buffer, vision, H/W
-            wanted = {}
-            for k in sd:
-                m = re.match(r"post_llm\.(\d+)\.(.*)", k)
-                if m and not any(h in k for h in _HW):
-                    wanted[f"model.layers.{m[1]}.{m[2]}"] = k
-                elif k in ("embed_tokens.weight", "norm.weight"):
-                    wanted["model." + k] = k
-                elif k == "lm_head.weight" and not cfg.tie_word_embeddings:
-                    wanted[k] = k
-            _check_keys(tensors, wanted, {k: sd[k].shape for k in sd}, path)
-            for hk, ok in wanted.items():
-                sd[ok] = tensors[hk]
-            _load_strict(model, sd, path)
-            model.init_hw_from_t()
+        if hf.get("model_type") != "qwen3":  # (a)
+            model = cls(from_hf_config(hf, **overrides))
+            _copy_strict(model, tensors, model.ckpt_names("neo"), path)
             return model
-        cfg = from_hf_config(hf, **overrides)  # (a)
-        model = cls(cfg)
-        wanted = {k: o for o, k in ((o, to_hf_name(o, cfg.n_pre_layers)) for o in model.state_dict())
-                  if not (o == "lm_head.weight" and cfg.tie_word_embeddings)}
-        shapes = dict((k, v.shape) for k, v in model.state_dict().items())
-        _check_keys(tensors, wanted, shapes, path)
-        sd = {o: tensors[k] for k, o in wanted.items()}
-        if cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["embed_tokens.weight"]
-        _load_strict(model, sd, path)
+        # (b) sizes from the Qwen3 config; vision and NEO sizes from the preset of that LLM, or overrides
+        base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
+                                             "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
+        model = cls(NEOConfig(**{**base, **dict(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+            d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
+            tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides}))
+        _copy_strict(model, tensors, model.ckpt_names("qwen3"), path)  # the rest keeps its fresh init
+        model.init_hw_from_t()
         return model
 
 
@@ -711,17 +684,6 @@ def set_trainable(model, stage):
 
 
 # ---- checkpoint name and config mapping
-
-
-def to_hf_name(name, n_pre):
-    m = re.match(r"(pre_buffer|post_llm)\.(\d+)\.(.*)", name)
-    if m:
-        i = int(m[2]) + (n_pre if m[1] == "post_llm" else 0)
-        return f"language_model.model.layers.{i}.{m[3]}"
-    for pat, rep in _HF_NAMES:
-        if re.fullmatch(pat, name):
-            return re.sub(pat, rep, name)
-    raise KeyError(name)
 
 
 def to_hf_config(cfg):
@@ -796,25 +758,21 @@ def _read_safetensors(path):
     return out
 
 
-def _check_keys(tensors, wanted, shapes, path):
-    """wanted: checkpoint name -> our name. Every tensor must be wanted, present and of the right shape."""
-    missing = sorted(set(wanted) - set(tensors))
-    unexpected = sorted(set(tensors) - set(wanted))
+def _copy_strict(model, tensors, names, path):
+    """Copy checkpoint tensors into the model. names: our name -> checkpoint name. Every checkpoint tensor
+    must be wanted, every wanted one present and of the right shape: no silent random init."""
+    missing = sorted(set(names.values()) - set(tensors))
+    unexpected = sorted(set(tensors) - set(names.values()))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
-    for hk, ok in wanted.items():
-        if tuple(tensors[hk].shape) != tuple(shapes[ok]):
-            raise ValueError(f"{path}: {hk} has shape {tuple(tensors[hk].shape)}, expected {tuple(shapes[ok])}")
-
-
-def _load_strict(model, sd, path):
     own = model.state_dict()
-    _check_keys(sd, {k: k for k in own}, {k: v.shape for k, v in own.items()}, path)
     with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(sd[k])
+        for k, name in names.items():
+            if tuple(tensors[name].shape) != tuple(own[k].shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(own[k].shape)}")
+            own[k].copy_(tensors[name])
 
 
 # -----------------------------------------------------------------------------
