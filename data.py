@@ -1,0 +1,882 @@
+"""
+Data for nano-NEO: everything between files on disk and the tensors the model eats (../shared/DESIGN.md §1, §2, §6).
+
+- tokenizers on tiktoken, offline: "bytes" (the toy's 262 ids) or a Qwen3 / released NEO checkpoint folder
+- images at native resolution (smart resize to multiples of 32 px, ImageNet normalisation) and video frames
+- conversations -> samples (chat template, image spans, labels on assistant turns) -> packed rows
+- ShapesWorld: a built-in procedural world of coloured shapes that the toy model learns in minutes on a CPU,
+  with task families of one exact short answer each, and an exact-match scorer
+- LLaVA/NEO JSON/JSONL datasets, and a deterministic, resumable, rank-sharded loader of packed batches
+
+    python data.py                    # writes example ShapesWorld images + prompts to shapes_examples/
+    python -m pytest -q test_data.py
+"""
+import json
+import math
+import os
+import random
+import re
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import tiktoken
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+IGNORE_INDEX = -100  # same value as neo.IGNORE_INDEX; not imported so data.py loads without the model
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+SPECIALS = dict(eot="<|endoftext|>", im_start="<|im_start|>", im_end="<|im_end|>",
+                img_start="<img>", img_end="</img>", img_context="<IMG_CONTEXT>")
+# Qwen2/Qwen3's pre-tokenisation regex (their tokenizer.json): digits are split one by one
+QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+            r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte <-> printable unicode table: byte-level BPE vocabularies store tokens in this alphabet."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def get_tokenizer(name_or_path):
+    """'bytes' (toy: 256 byte ids + 6 specials, ids 256..261) or a folder with tokenizer.json / vocab.json."""
+    if name_or_path == "bytes":
+        # tiktoken's named encodings download their files on first use; this one is built in memory
+        return tiktoken.Encoding(name="bytes", pat_str=QWEN_PAT, mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
+    if os.path.isdir(str(name_or_path)):
+        return folder_tokenizer(str(name_or_path))
+    raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'bytes' (the toy byte-level tokenizer) or a folder "
+                     f"holding tokenizer.json or vocab.json (a Qwen3 or released NEO checkpoint)")
+
+
+def folder_tokenizer(path):
+    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
+    origin. Every added token (special or not) becomes a tiktoken special token: encoded as one id only when
+    allowed, so user text can never smuggle in <|im_end|> or <img>."""
+    tj, vj = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
+    added = {}
+    if os.path.isfile(tj):
+        with open(tj, encoding="utf-8") as f:
+            t = json.load(f)
+        vocab = t["model"]["vocab"]
+        added = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
+    elif os.path.isfile(vj):
+        with open(vj, encoding="utf-8") as f:
+            vocab = json.load(f)
+        tc, at = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "added_tokens.json")
+        if os.path.isfile(tc):
+            with open(tc, encoding="utf-8") as f:
+                added = {v["content"]: int(k) for k, v in json.load(f).get("added_tokens_decoder", {}).items()}
+        if os.path.isfile(at):
+            with open(at, encoding="utf-8") as f:
+                added.update(json.load(f))
+    else:
+        raise ValueError(f"{path}: no tokenizer.json or vocab.json; get_tokenizer accepts 'bytes' or such a folder")
+    dec = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in added}
+    except KeyError as e:
+        raise ValueError(f"{path}: not a byte-level BPE vocabulary (character {e} outside the GPT-2 byte table)")
+    # A plain Qwen3 folder has no image tokens. Append them after the highest id in NEO's order: on Qwen3 this
+    # gives <IMG_CONTEXT> 151669, <img> 151670, </img> 151671, the ids of the released NEO checkpoints.
+    nxt = max(max(ranks.values()), max(added.values(), default=-1)) + 1
+    for s in ("<IMG_CONTEXT>", "<img>", "</img>"):
+        if s not in added:
+            added[s], nxt = nxt, nxt + 1
+    return tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT,
+                             mergeable_ranks=ranks, special_tokens=added)
+
+
+def special_ids(enc):
+    """{eot, im_start, im_end, img_start, img_end, img_context} -> id in this tokenizer."""
+    try:
+        return {k: enc.encode_single_token(s) for k, s in SPECIALS.items()}
+    except KeyError as e:
+        raise ValueError(f"tokenizer {enc.name} lacks the special token {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Images (DESIGN §1)
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+FACTOR = 32             # one visual token = 32x32 px (16-px patches, 2x2 downsampling)
+MAX_ASPECT = 200        # Qwen2-VL / NEO reject longer strips
+MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
+
+
+class DataError(ValueError):
+    """A file or record that cannot be used; the message names it and says why."""
+
+
+def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
+    """Qwen2-VL's resize: both sides multiples of `factor`, h*w in [min_pixels, max_pixels], aspect kept."""
+    assert factor * factor <= min_pixels <= max_pixels, f"need {factor}^2 <= min_pixels <= max_pixels"
+    if max(h, w) / min(h, w) > MAX_ASPECT:
+        raise DataError(f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is over {MAX_ASPECT}:1")
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb = max(factor, math.floor(h / beta / factor) * factor)
+        wb = max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    while hb * wb > max_pixels:  # a very long strip clamped to one token row: shorten its long side
+        hb, wb = (hb - factor, wb) if hb > wb else (hb, wb - factor)
+    return hb, wb
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. 16-bit and float greys are scaled to 8 bits; transparency is composited."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else (1.0 if a.max() <= 1 else 255.0)
+        img = Image.fromarray(np.clip(a / hi * 255, 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        a = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = a[..., 3:] / 255
+        lum = a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        # white text on a transparent background would vanish on white: light content goes on black,
+        # dark content on white (the common logo/icon case)
+        bright = (lum * alpha[..., 0]).sum() > 127.5 * max(alpha.sum(), 1e-6)
+        rgb = a[..., :3] * alpha + (0.0 if bright else 255.0) * (1 - alpha)
+        img = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, ...
+
+
+def open_image(src):
+    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason."""
+    if isinstance(src, Image.Image):
+        name, img = "<PIL image>", src
+    else:
+        name = str(src)
+        if not os.path.isfile(name):
+            raise DataError(f"{name}: no such file")
+        if os.path.getsize(name) == 0:
+            raise DataError(f"{name}: empty file")
+        try:
+            with warnings.catch_warnings():  # our own size check below is the one that decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(name)
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{name}: decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{name}: not an image ({e})") from None
+    w, h = img.size
+    if w * h > MAX_DECODE_PIXELS:
+        raise DataError(f"{name}: decompression bomb ({w}x{h} px is over the {MAX_DECODE_PIXELS} px limit)")
+    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
+        raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{name}: truncated or corrupt image ({e})") from None
+
+
+def to_tensor(img, min_pixels, max_pixels):
+    """RGB PIL image -> smart-resized, normalised (3, H, W) float tensor."""
+    w, h = img.size
+    hb, wb = smart_resize(h, w, min_pixels, max_pixels)
+    if (wb, hb) != (w, h):
+        img = img.resize((wb, hb), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256):
+    """Any file PIL reads (or a PIL image) -> (3, H, W) float tensor, H and W multiples of 32."""
+    img = open_image(path_or_pil)
+    try:
+        return to_tensor(img, min_pixels, max_pixels)
+    except DataError as e:
+        raise DataError(f"{getattr(path_or_pil, 'filename', None) or path_or_pil}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Video (DESIGN §2, NEO-ov): frames are separate images, each after a text timestamp
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def uniform_indices(n, k):
+    """k indices spread evenly over n frames (the middle of k equal segments)."""
+    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
+
+
+def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0):
+    """A folder of frames, a list of frame files, or an animated GIF/WebP -> (frames, timestamps, duration).
+
+    frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
+    num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
+    frame durations. Timestamps and duration are in seconds."""
+    if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
+        files = list(path) if isinstance(path, (list, tuple)) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
+        if not files:
+            raise DataError(f"{path}: no frames")
+        idx = uniform_indices(len(files), num_frames)
+        frames = [load_image(files[i], min_pixels, max_pixels) for i in idx]
+        return frames, [i / fps for i in idx], len(files) / fps
+    img = open_image(path)  # validates the file (missing, empty, bomb, ...); frames are read below
+    anim = Image.open(path)
+    n = getattr(anim, "n_frames", 1)
+    starts, t = [], 0.0
+    for i in range(n):  # each frame's start time from the animation's own durations (ms)
+        anim.seek(i)
+        starts.append(t)
+        t += (anim.info.get("duration") or 1000 / fps) / 1000
+    frames, idx = [], uniform_indices(n, num_frames)
+    for i in idx:
+        anim.seek(i)
+        frames.append(to_tensor(to_rgb(anim.convert("RGBA")) if n > 1 else img, min_pixels, max_pixels))
+    return frames, [starts[i] for i in idx], t
+
+
+def video_prompt(timestamps, duration):
+    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
+    mmss = lambda s: f"{int(s // 60):02d}:{int(s % 60):02d}"
+    fps = len(timestamps) / max(duration, 1e-6)
+    head = (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
+            f"{len(timestamps)} frames sampled at {fps:.2g} FPS.\n")
+    return head + "".join(f"[{int(t // 60):02d}:{t % 60:05.2f}]:<image>\n" for t in timestamps)
+
+
+# -----------------------------------------------------------------------------
+# Conversations -> samples -> packed rows (DESIGN §6)
+
+
+def image_span(img, ids):
+    n = (img.shape[1] // FACTOR) * (img.shape[2] // FACTOR)
+    return [ids["img_start"]] + [ids["img_context"]] * n + [ids["img_end"]]
+
+
+def encode_chat(enc, messages, images=()):
+    """messages [(role, text)], each `<image>` in a text takes the next image -> sample dict.
+    Template `<|im_start|>{role}\\n{content}<|im_end|>\\n`; labels on assistant content and its <|im_end|>."""
+    ids = special_ids(enc)
+    input_ids, labels, k = [], [], 0
+    nl = enc.encode("\n")
+
+    def add(tokens, supervised):
+        input_ids.extend(tokens)
+        labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
+
+    for role, text in messages:
+        sup = role == "assistant"
+        add([ids["im_start"]] + enc.encode(role) + nl, False)
+        for j, part in enumerate(text.split("<image>")):
+            if j > 0:
+                if k >= len(images):
+                    raise DataError(f"more <image> placeholders than the {len(images)} images given")
+                add(image_span(images[k], ids), False)
+                k += 1
+            add(enc.encode(part, disallowed_special=()), sup)  # user text "<|im_end|>" stays plain text
+        add([ids["im_end"]], sup)
+        add(nl, False)
+    if k != len(images):
+        raise DataError(f"{len(images)} images but {k} <image> placeholders")
+    return {"input_ids": input_ids, "labels": labels, "images": list(images)}
+
+
+def encode_pair(enc, images, caption):
+    """A pre-training pair without chat template: image spans, then the caption; labels on caption + eot."""
+    ids = special_ids(enc)
+    head = [t for img in images for t in image_span(img, ids)]
+    text = enc.encode(caption, disallowed_special=()) + [ids["eot"]]
+    return {"input_ids": head + text, "labels": [IGNORE_INDEX] * len(head) + text, "images": list(images)}
+
+
+def build_prompt(enc, messages, images=()):
+    """Prompt for generation: the conversation so far, then `<|im_start|>assistant\\n`."""
+    s = encode_chat(enc, messages, images)
+    ids = s["input_ids"] + [special_ids(enc)["im_start"]] + enc.encode("assistant\n")
+    return {"input_ids": ids, "images": s["images"]}
+
+
+def pack(samples, batch_size, max_seq_len):
+    """First-fit of whole samples into batch_size rows: -> (rows, leftover). A sample is never split, so
+    neither is any image span."""
+    rows, free, left = [[] for _ in range(batch_size)], [max_seq_len] * batch_size, []
+    for s in samples:
+        b = next((b for b in range(batch_size) if free[b] >= len(s["input_ids"])), None)
+        if b is None:
+            left.append(s)
+        else:
+            rows[b].append(s)
+            free[b] -= len(s["input_ids"])
+    return rows, left
+
+
+def collate(rows, max_seq_len, pad_id):
+    """Rows of samples -> the batch dict of the contract. targets are the labels shifted left by one, per
+    sample (the only shift in the code base); each supervised target of a sample with n of them weighs
+    1/sqrt(n) ("square" weighting); doc_ids number a row's samples 0, 1, ... and are -1 on padding."""
+    B, L = len(rows), max_seq_len
+    x = torch.full((B, L), pad_id, dtype=torch.long)
+    y = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    w = torch.zeros(B, L)
+    doc = torch.full((B, L), -1, dtype=torch.long)
+    images = []
+    for b, row in enumerate(rows):
+        p = 0
+        for d, s in enumerate(row):
+            n = len(s["input_ids"])
+            assert p + n <= L, f"row {b} holds {p + n} tokens, more than max_seq_len {L}"
+            t = torch.tensor(s["labels"][1:] + [IGNORE_INDEX])  # (n,) targets[i] = labels[i+1]
+            x[b, p:p + n] = torch.tensor(s["input_ids"])
+            y[b, p:p + n] = t
+            sup = (t != IGNORE_INDEX).float()
+            w[b, p:p + n] = sup / math.sqrt(max(sup.sum().item(), 1))
+            doc[b, p:p + n] = d
+            images.extend(s["images"])
+            p += n
+    return {"input_ids": x, "targets": y, "loss_weights": w, "doc_ids": doc, "images": images}
+
+
+# -----------------------------------------------------------------------------
+# ShapesWorld: the toy's built-in world. Small images (sides 64-160 px, so 4-25 visual tokens), a plain
+# background, 1-4 large solid shapes in 4 very distinct colours, 2 sizes; every question has one short exact
+# answer, and the answers of each question type are balanced, so a model that cannot see scores at chance.
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 200, 0)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 10, "big": 20}  # half-width in px: 20 and 40 px across, ~2/3 and ~4/3 of a token
+BACKGROUND = (245, 245, 245)
+INK = (20, 20, 20)
+SIDES = (64, 96, 128, 160)
+WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "pen", "map")
+DIRS = ("left", "right", "up", "down")
+CHANGES = ("color", "shape", "size", "position")
+VAL_SEED = 1_000_003  # the held-out split's own seed: fixed, whatever the training seed
+
+# family -> (answer set or None, chance of a model that cannot see: 1/|answers| of the balanced set)
+FAMILIES = {
+    "caption": (None, 0.01),        # "big red circle, small blue square", left to right; 1-4 objects
+    "color": (tuple(COLORS), 1 / 4),
+    "shape": (SHAPES, 1 / 3),
+    "count": (("1", "2", "3", "4"), 1 / 4),
+    "spatial": (("left", "right", "above", "below"), 1 / 2),  # the question names the two options
+    "size": (SHAPES, 1 / 2),        # "which is bigger, the X or the Y?": one of the two named
+    "read": (WORDS, 1 / 8),
+    "multi_count": (("first", "second"), 1 / 2),
+    "multi_change": (CHANGES, 1 / 4),
+    "video_dir": (DIRS, 1 / 4),
+    "video_appear": (("1", "2", "3", "4"), 1 / 4),
+    "text": (None, None),           # answers are in the text: the llm stage's format and vocabulary
+}
+CHANCE = {f: c for f, (_, c) in FAMILIES.items()}
+IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "size", "read")
+# stage mixtures (relative weights); midtrain follows NEO-ov's text:image:multi-image:video = 2:4:1:1
+MIXES = {
+    "llm": {"text": 1},
+    "pretrain": {"caption": 7, "text": 3},
+    "midtrain": {"text": 2, **{f: 4 / 7 for f in IMAGE_FAMILIES}, "multi_count": 0.5, "multi_change": 0.5,
+                 "video_dir": 0.5, "video_appear": 0.5},
+    "sft": {"text": 1, "multi_turn": 2, **{f: 3 / 7 for f in IMAGE_FAMILIES}, "multi_count": 0.5,
+            "multi_change": 0.5, "video_dir": 0.5, "video_appear": 0.5},
+}
+
+
+def new_objects(rng, n, distinct_shapes=False, distinct_colors=False):
+    shapes = rng.sample(SHAPES, n) if distinct_shapes else [rng.choice(SHAPES) for _ in range(n)]
+    colors = rng.sample(list(COLORS), n) if distinct_colors else [rng.choice(list(COLORS)) for _ in range(n)]
+    return [dict(shape=s, color=c, size=rng.choice(list(SIZES))) for s, c in zip(shapes, colors)]
+
+
+def place(rng, objs, W, H, min_dx=0, tries=60):
+    """Random centres with a >= 4 px gap between bounding boxes (so shapes never touch); False if it fails."""
+    done = []
+    for o in objs:
+        r = SIZES[o["size"]]
+        if 2 * r + 4 > min(W, H):
+            return False
+        for _ in range(tries):
+            x, y = rng.randint(r + 2, W - r - 3), rng.randint(r + 2, H - r - 3)
+            if all(max(abs(x - p["x"]), abs(y - p["y"])) >= r + SIZES[p["size"]] + 4 and abs(x - p["x"]) >= min_dx
+                   for p in done):
+                o["x"], o["y"] = x, y
+                done.append(o)
+                break
+        else:
+            return False
+    return True
+
+
+def layout(rng, objs, min_dx=0, ok=lambda objs: True):
+    """Pick a canvas (sides from SIDES, so any aspect from 2.5:1 to 1:2.5) and positions; -> (W, H)."""
+    for attempt in range(200):
+        W, H = (rng.choice(SIDES), rng.choice(SIDES)) if attempt < 100 else (160, 160)
+        if place(rng, objs, W, H, min_dx) and ok(objs):
+            return W, H
+    raise RuntimeError("ShapesWorld could not place the objects")  # not reached with these sizes
+
+
+@lru_cache(maxsize=8)
+def font(size):
+    return ImageFont.load_default(size=size)  # Pillow's built-in scalable font: no file needed
+
+
+def draw(W, H, objs, word=None):
+    img = Image.new("RGB", (W, H), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for o in objs:
+        x, y, r, c = o["x"], o["y"], SIZES[o["size"]], COLORS[o["color"]]
+        if o["shape"] == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([x - r, y - r, x + r, y + r], fill=c)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=c)
+    if word:
+        d.text(word["xy"], word["text"], fill=INK, font=font(word["size"]))
+    return img
+
+
+def name(o):
+    return f"{o['size']} {o['color']} {o['shape']}"
+
+
+def caption_of(objs):
+    return ", ".join(name(o) for o in sorted(objs, key=lambda o: (o["x"], o["y"])))
+
+
+def gen_caption(rng):
+    objs = new_objects(rng, rng.randint(1, 4))
+    W, H = layout(rng, objs, min_dx=8)  # left-to-right order must be visible
+    return [draw(W, H, objs)], [("<image>Describe the image.", caption_of(objs))]
+
+
+def gen_color(rng):
+    objs = new_objects(rng, rng.randint(1, 3), distinct_shapes=True)  # "the circle" is unique
+    W, H = layout(rng, objs)
+    return [draw(W, H, objs)], [(f"<image>What color is the {objs[0]['shape']}?", objs[0]["color"])]
+
+
+def gen_shape(rng):
+    objs = new_objects(rng, rng.randint(1, 3), distinct_colors=True)  # "the red one" is unique
+    W, H = layout(rng, objs)
+    return [draw(W, H, objs)], [(f"<image>What shape is the {objs[0]['color']} one?", objs[0]["shape"])]
+
+
+def gen_count(rng):
+    objs = new_objects(rng, rng.randint(1, 4))
+    W, H = layout(rng, objs)
+    return [draw(W, H, objs)], [("<image>How many shapes are there?", str(len(objs)))]
+
+
+def spatial_qa(a, b, axis):
+    if axis == "lr":
+        return f"Is the {a['shape']} left or right of the {b['shape']}?", "left" if a["x"] < b["x"] else "right"
+    return f"Is the {a['shape']} above or below the {b['shape']}?", "above" if a["y"] < b["y"] else "below"
+
+
+def gen_spatial(rng):
+    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True)
+    axis = rng.choice(("lr", "ab"))
+    k = "x" if axis == "lr" else "y"
+    W, H = layout(rng, objs, ok=lambda o: abs(o[0][k] - o[1][k]) >= 16)  # a clear gap on the asked axis
+    a, b = objs[0], objs[1]
+    if (a[k] < b[k]) != (rng.random() < 0.5):  # which one is named first decides the answer: balance it
+        a, b = b, a
+    q, ans = spatial_qa(a, b, axis)
+    return [draw(W, H, objs)], [("<image>" + q, ans)]
+
+
+def gen_size(rng):
+    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True)
+    objs[0]["size"], objs[1]["size"] = "big", "small"
+    W, H = layout(rng, objs)
+    first, second = (objs[0], objs[1]) if rng.random() < 0.5 else (objs[1], objs[0])
+    return [draw(W, H, objs)], [(f"<image>Which is bigger, the {first['shape']} or the {second['shape']}?",
+                                 objs[0]["shape"])]
+
+
+def gen_read(rng):
+    text, size = rng.choice(WORDS), rng.choice((20, 24, 28))
+    x0, y0, x1, y1 = font(size).getbbox(text)
+    W = rng.choice([s for s in SIDES if s >= x1 + 8])
+    H = rng.choice([s for s in SIDES if s >= y1 + 8])
+    xy = (rng.randint(2, W - x1 - 4), rng.randint(2 - y0, H - y1 - 4))
+    return [draw(W, H, [], dict(text=text, size=size, xy=xy))], [("<image>What word is written?", text)]
+
+
+def gen_multi_count(rng):
+    a, b = rng.sample((1, 2, 3, 4), 2)
+    imgs = []
+    for n in (a, b):
+        objs = new_objects(rng, n)
+        imgs.append(draw(*layout(rng, objs), objs))
+    return imgs, [("<image><image>Which image has more shapes, the first or the second?",
+                   "first" if a > b else "second")]
+
+
+def gen_multi_change(rng):
+    obj = new_objects(rng, 1)[0]
+    obj["size"] = "big"  # place as big so a size change still fits
+    W, H = layout(rng, [obj])
+    obj["size"] = rng.choice(list(SIZES))
+    change, new = rng.choice(CHANGES), dict(obj)
+    if change == "color":
+        new["color"] = rng.choice([c for c in COLORS if c != obj["color"]])
+    elif change == "shape":
+        new["shape"] = rng.choice([s for s in SHAPES if s != obj["shape"]])
+    elif change == "size":
+        new["size"] = "small" if obj["size"] == "big" else "big"
+    else:
+        while abs(new["x"] - obj["x"]) + abs(new["y"] - obj["y"]) < 24:
+            place(rng, [new], W, H)
+    return [draw(W, H, [obj]), draw(W, H, [new])], [("<image><image>What changed?", change)]
+
+
+def gen_video_dir(rng):
+    n, S, obj = rng.randint(4, 6), 96, new_objects(rng, 1)[0]  # square frames: the aspect gives nothing away
+    r, d = SIZES[obj["size"]], rng.choice(DIRS)
+    lo, hi, other = r + 2, S - r - 3, rng.randint(r + 2, S - r - 3)
+    frames = []
+    for i in range(n):
+        p = lo + (hi - lo) * i // (n - 1)
+        p = p if d in ("right", "down") else lo + hi - p
+        frames.append(draw(S, S, [dict(obj, x=p, y=other) if d in ("left", "right") else dict(obj, x=other, y=p)]))
+    return frames, [(video_prompt(list(range(n)), n) + "Which way does the shape move?", d)]
+
+
+def gen_video_appear(rng):
+    obj, k, S = new_objects(rng, 1)[0], rng.randint(1, 4), rng.choice((64, 96))  # small frames: 4-9 tokens
+    place(rng, [obj], S, S)
+    frames = [draw(S, S, [obj] if i + 1 >= k else []) for i in range(4)]
+    return frames, [(video_prompt([0, 1, 2, 3], 4) + "In which frame does the shape appear?", str(k))]
+
+
+def gen_multi_turn(rng):
+    """sft: two or three questions about one scene, in one conversation."""
+    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True, distinct_colors=True)
+    W, H = layout(rng, objs, min_dx=8)
+    a, b = rng.sample(objs, 2)
+    qa = [(f"What color is the {a['shape']}?", a["color"]), (f"What shape is the {b['color']} one?", b["shape"]),
+          ("How many shapes are there?", str(len(objs))), spatial_qa(a, b, rng.choice(("lr", "ab"))),
+          ("Describe the image.", caption_of(objs))]
+    turns = rng.sample(qa, rng.randint(2, 3))
+    return [draw(W, H, objs)], [("<image>" + turns[0][0], turns[0][1])] + turns[1:]
+
+
+def gen_text(rng):
+    """Text-only questions in the same templates and answer vocabulary, with the scene told in words."""
+    kind = rng.randrange(8)
+    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True, distinct_colors=True)
+    a, b = objs[0], objs[1]
+    said = "There is a " + " and a ".join(name(o) for o in objs) + "."
+    if kind == 0:
+        x, y = rng.randint(0, 9), rng.randint(0, 9)
+        return [], [(f"What is {x} + {y}?", str(x + y))]
+    if kind == 1:
+        return [], [(f"{said} What color is the {a['shape']}?", a["color"])]
+    if kind == 2:
+        return [], [(f"{said} What shape is the {a['color']} one?", a["shape"])]
+    if kind == 3:
+        n = rng.randint(1, 4)
+        return [], [("I see " + ", ".join("a " + rng.choice(SHAPES) for _ in range(n)) + ". How many shapes are there?",
+                     str(n))]
+    if kind == 4:
+        a["size"], b["size"] = "big", "small"
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        return [], [(f"The {a['shape']} is big and the {b['shape']} is small. Which is bigger, the "
+                     f"{first['shape']} or the {second['shape']}?", a["shape"])]
+    if kind == 5:
+        rel = rng.choice(("left of", "right of", "above", "below"))
+        flip = {"left of": "right", "right of": "left", "above": "below", "below": "above"}[rel]
+        q = (f"Is the {b['shape']} left or right of the {a['shape']}?" if rel in ("left of", "right of")
+             else f"Is the {b['shape']} above or below the {a['shape']}?")
+        return [], [(f"The {a['shape']} is {rel} the {b['shape']}. {q}", flip)]
+    if kind == 6:
+        d = rng.choice(DIRS)
+        src, dst = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"),
+                    "down": ("top", "bottom")}[d]
+        return [], [(f"A {name(a)} goes from the {src} to the {dst}. Which way does the shape move?", d)]
+    x, y = rng.sample((1, 2, 3, 4), 2)
+    return [], [(f"The first image has {x} shapes and the second has {y}. Which image has more shapes, the "
+                 f"first or the second?", "first" if x > y else "second")]
+
+
+GENERATORS = {"caption": gen_caption, "color": gen_color, "shape": gen_shape, "count": gen_count,
+              "spatial": gen_spatial, "size": gen_size, "read": gen_read, "multi_count": gen_multi_count,
+              "multi_change": gen_multi_change, "video_dir": gen_video_dir, "video_appear": gen_video_appear,
+              "multi_turn": gen_multi_turn, "text": gen_text}
+
+
+class ShapesWorld:
+    """Deterministic, indexable, endless: sample i of (stage, split, seed) is always the same sample.
+
+        w = ShapesWorld("midtrain")   # w[i] -> sample dict; w.example(i) -> PIL images + question/answer turns
+        ShapesWorld(split="val").eval_prompts(40)   # 40 held-out prompts per family, for score()
+    """
+
+    def __init__(self, stage="midtrain", split="train", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, seed=0):
+        assert stage in MIXES, f"stage must be one of {', '.join(MIXES)}, got {stage!r}"
+        assert split in ("train", "val"), f"split must be train or val, got {split!r}"
+        self.stage, self.split, self.enc = stage, split, enc or get_tokenizer("bytes")
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.seed = VAL_SEED if split == "val" else seed
+        self.families, self.weights = zip(*MIXES[stage].items())
+
+    def __len__(self):
+        return 2 ** 31  # endless: the loader draws indices at random
+
+    def example(self, i, family=None):
+        """-> {family, images: [PIL], turns: [(question, answer)]}; family=None draws from the stage mixture."""
+        rng = random.Random(f"shapes/{self.seed}/{family}/{i}")  # str seeds hash the same in every process
+        family = family or rng.choices(self.families, self.weights)[0]
+        images, turns = GENERATORS[family](rng)
+        return {"family": family, "images": images, "turns": turns}
+
+    def encode(self, ex):
+        images = [to_tensor(im, self.min_pixels, self.max_pixels) for im in ex["images"]]
+        msgs = [m for q, a in ex["turns"] for m in (("user", q), ("assistant", a))]
+        return {**encode_chat(self.enc, msgs, images), "family": ex["family"]}
+
+    def __getitem__(self, i):
+        return self.encode(self.example(i))
+
+    def prompt(self, ex):
+        """build_prompt for one example: -> {input_ids, images, answer, family} (the last turn's answer)."""
+        *done, (q, answer) = ex["turns"]
+        msgs = [m for qq, a in done for m in (("user", qq), ("assistant", a))] + [("user", q)]
+        images = [to_tensor(im, self.min_pixels, self.max_pixels) for im in ex["images"]]
+        return {**build_prompt(self.enc, msgs, images), "answer": answer, "family": ex["family"]}
+
+    def eval_prompts(self, n, families=None):
+        """n prompts per family (all scored families by default), from this split."""
+        return [self.prompt(self.example(i, f)) for f in (families or FAMILIES) for i in range(n)]
+
+
+def score(preds):
+    """preds: [(prompt dict with 'family' and 'answer', predicted text)] -> {family: exact-match accuracy}."""
+    hits = {}
+    for p, text in preds:
+        hits.setdefault(p["family"], []).append(text.strip() == p["answer"])
+    return {f: sum(h) / len(h) for f, h in hits.items()}
+
+
+# -----------------------------------------------------------------------------
+# LLaVA / NEO JSON(L) datasets
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class JSONLDataset:
+    """Records {image: str|[str], images: [str], video: str|[str], conversations: [{from, value}]} (or
+    {image, caption} pre-training pairs) from one or more .jsonl/.json files: "a.jsonl%50,b.json%200" keeps a
+    fixed 50% of a and repeats b twice. JSONL is read lazily through line offsets; a .json list is loaded.
+    Indexing returns a sample, or None for a bad record or unreadable image (counted in self.bad)."""
+
+    def __init__(self, spec, image_root="", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, stage="sft",
+                 video_frames=8, video_max_pixels=None, seed=0):
+        self.root, self.enc, self.stage = image_root, enc or get_tokenizer("bytes"), stage
+        self.min_pixels, self.max_pixels, self.video_frames = min_pixels, max_pixels, video_frames
+        # per-frame budget: a quarter of an image's, so 8 frames cost about two images
+        self.video_max_pixels = video_max_pixels or max(min_pixels, max_pixels // 4)
+        self.files, files, recs = [], [], []
+        for part in spec.split(","):
+            path, _, rate = part.rpartition("%")
+            path, rate = (path, float(rate)) if path and re.fullmatch(r"[\d.]+", rate) else (part, 100.0)
+            self.files.append((path, self.index(path)))
+            n = len(self.files[-1][1])
+            m = round(n * rate / 100)
+            # rate < 100: a fixed random subset (in file order); > 100: the file repeated
+            keep = np.sort(np.random.default_rng(seed).permutation(n)[:m])
+            recs.append(keep if m < n else np.resize(np.arange(n), m))
+            files.append(np.full(m, len(self.files) - 1))
+        self.file_of, self.rec_of = np.concatenate(files), np.concatenate(recs)
+        self.bad, self.last_error = 0, ""
+
+    @staticmethod
+    def index(path):
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        offsets, pos = [], 0
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        return np.array(offsets, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.rec_of)
+
+    def record(self, i):
+        path, recs = self.files[self.file_of[i]]
+        r = recs[self.rec_of[i]]
+        if isinstance(recs, list):
+            return r
+        with open(path, "rb") as f:
+            f.seek(int(r))
+            return json.loads(f.readline())
+
+    def __getitem__(self, i):
+        try:
+            return self.to_sample(self.record(i))
+        except (DataError, ValueError, KeyError, IndexError, TypeError, AttributeError, OSError) as e:
+            self.bad += 1
+            self.last_error = f"record {i}: {e}"
+            return None
+
+    def to_sample(self, rec):
+        path = lambda p: os.path.join(self.root, p)
+        files = rec.get("image", rec.get("images")) or []
+        files = [files] if isinstance(files, str) else files
+        video = rec.get("video")
+        if self.stage == "llm" and (files or video):
+            raise DataError("an image or video record in the text-only llm stage")
+        if "conversations" not in rec:  # a pre-training pair
+            return encode_pair(self.enc, [load_image(path(f), self.min_pixels, self.max_pixels) for f in files],
+                               rec.get("caption", rec.get("text")))
+        msgs = [(ROLES[c["from"]], c["value"]) for c in rec["conversations"]]
+        first = next((j for j, (r, _) in enumerate(msgs) if r == "user"), 0)
+        text = "\n".join(t for _, t in msgs)
+        # LLaVA convention: a record without placeholders has its media at the start of the first user turn
+        if files and "<image>" not in text:
+            msgs[first] = ("user", "<image>\n" * len(files) + msgs[first][1])
+        if video and "<video>" not in text:
+            msgs[first] = ("user", "<video>\n" + msgs[first][1])
+        # expand the placeholders in order: each <image> takes the next file, <video> its frames
+        images, files = [], list(files)
+        out = []
+        for role, t in msgs:
+            parts = re.split(r"(<image>|<video>)", t)
+            for j, p in enumerate(parts):
+                if p == "<image>":
+                    images.append(load_image(path(files.pop(0)), self.min_pixels, self.max_pixels))
+                elif p == "<video>":
+                    v = [path(f) for f in video] if isinstance(video, list) else path(video)
+                    frames, ts, dur = load_video(v, self.video_frames, self.min_pixels, self.video_max_pixels)
+                    images.extend(frames)
+                    parts[j] = video_prompt(ts, dur)
+            out.append((role, "".join(parts)))
+        return encode_chat(self.enc, out, images)
+
+
+# -----------------------------------------------------------------------------
+# Loader: packed batches. Batch k is a pure function of (seed, k): its samples are drawn at random (with
+# replacement, like nanoGPT's get_batch) from a generator seeded by (seed, k). So workers, ranks and resume
+# need no coordination: rank r of W takes global batches r, r+W, ... (exactly the micro-batches one process
+# would see with W-fold gradient accumulation), and the position to resume from is one integer.
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    def __init__(self, loader, start):
+        self.loader, self.start = loader, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        ld, m = self.loader, wid  # DataLoader takes from its workers in turn: worker w makes batches w, w+nw, ...
+        while True:
+            yield ld.make_batch(ld.rank + ld.world_size * (self.start + m))
+            m += nw
+
+
+class PackedLoader:
+    """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
+    [i] -> sample or None). state_dict()/load_state_dict() resume exactly; `skipped` counts bad and too-long
+    samples."""
+
+    def __init__(self, source, batch_size=16, max_seq_len=512, rank=0, world_size=1, seed=0, num_workers=0,
+                 patience=4):
+        self.source, self.batch_size, self.max_seq_len = source, batch_size, max_seq_len
+        self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
+        self.patience = patience  # stop filling a batch after this many samples in a row found no room
+        self.pad_id = special_ids(source.enc)["eot"]
+        self.step, self.bad, self.too_long = 0, 0, 0
+
+    @property
+    def skipped(self):
+        return self.bad + self.too_long
+
+    def make_batch(self, k):
+        """Global batch k -> (batch, n_bad, n_too_long)."""
+        rng = random.Random(f"batch/{self.seed}/{k}")
+        rows, free = [[] for _ in range(self.batch_size)], [self.max_seq_len] * self.batch_size
+        misses = n_bad = n_long = 0
+        while misses < self.patience:
+            s = self.source[rng.randrange(len(self.source))]
+            if s is None or len(s["input_ids"]) > self.max_seq_len:
+                n_bad, n_long = n_bad + (s is None), n_long + (s is not None)
+                if n_bad + n_long > 1000 and not any(rows):
+                    raise DataError(f"no usable sample in 1000 draws ({n_bad} bad, {n_long} longer than max_seq_len "
+                                    f"{self.max_seq_len}); last error: {getattr(self.source, 'last_error', '')}")
+                continue
+            b = next((b for b in range(self.batch_size) if free[b] >= len(s["input_ids"])), None)
+            if b is None:
+                misses += 1
+                continue
+            rows[b].append(s)
+            free[b] -= len(s["input_ids"])
+        return collate(rows, self.max_seq_len, self.pad_id), n_bad, n_long
+
+    def __iter__(self):
+        ds = _Batches(self, self.step)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)) \
+            if self.num_workers > 0 else iter(ds)
+        for batch, n_bad, n_long in it:
+            self.step += 1
+            self.bad += n_bad
+            if n_long:
+                before, self.too_long = self.too_long, self.too_long + n_long
+                if len(str(before)) != len(str(self.too_long)) or before == 0:  # at 1, 10, 100, ...
+                    warnings.warn(f"skipped {self.too_long} samples longer than max_seq_len={self.max_seq_len} so far")
+            yield batch
+
+    def state_dict(self):
+        # batches consumed over all ranks: a resume with another world size continues from the same place
+        return {"batches": self.step * self.world_size, "bad": self.bad, "too_long": self.too_long, "seed": self.seed}
+
+    def load_state_dict(self, s):
+        self.step, self.bad, self.too_long = s["batches"] // self.world_size, s["bad"], s["too_long"]
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(out="shapes_examples", n=1):
+    """Save one example per family (images side by side) and its prompt/answer, for eyeballing and the README."""
+    os.makedirs(out, exist_ok=True)
+    w = ShapesWorld("sft", "val")
+    lines = []
+    for f in GENERATORS:
+        for i in range(n):
+            ex = w.example(i, f)
+            if ex["images"]:
+                W = sum(im.width for im in ex["images"]) + 8 * (len(ex["images"]) - 1)
+                sheet = Image.new("RGB", (W, max(im.height for im in ex["images"])), (255, 255, 255))
+                x = 0
+                for im in ex["images"]:
+                    sheet.paste(im, (x, 0))
+                    x += im.width + 8
+                sheet.save(os.path.join(out, f"{f}_{i}.png"))
+            n_tok = len(w.encode(ex)["input_ids"])
+            lines.append(f"## {f}_{i} ({n_tok} tokens with the bytes tokenizer)\n" +
+                         "\n".join(f"Q: {q}\nA: {a}" for q, a in ex["turns"]))
+    with open(os.path.join(out, "prompts.txt"), "w") as fh:
+        fh.write("\n\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} examples to {out}/")
+
+
+if __name__ == "__main__":
+    main()

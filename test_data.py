@@ -1,0 +1,454 @@
+"""
+Tests for data.py: tokenizers, images, video, packing, ShapesWorld, JSONL datasets, the loader. CPU only, no
+network, a few seconds in all.
+
+    python -m pytest -q test_data.py
+"""
+import json
+import math
+import os
+import re
+import struct
+import warnings
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import IGNORE_INDEX, DataError
+
+TEXTS = ["hello world", "naïve café — déjà vu", "emoji 🤖🎉 ok", "中文字符和日本語のテキスト",
+         "def f(x):\n    return x**2  # code\n\tindent", "  spaces   and\n\nnewlines  "]
+
+
+# ---- tokenizers
+
+
+def test_bytes_tokenizer():
+    """The toy tokenizer has the contract's ids, round-trips any text, and keeps specials out of user text."""
+    enc = data.get_tokenizer("bytes")
+    assert enc.n_vocab == 262
+    assert data.special_ids(enc) == dict(eot=256, im_start=257, im_end=258, img_start=259, img_end=260,
+                                         img_context=261)
+    for t in TEXTS:
+        assert enc.decode(enc.encode(t)) == t and len(enc.encode(t)) == len(t.encode())
+    assert enc.encode("<img>", allowed_special="all") == [259]
+    assert len(enc.encode("<img>", disallowed_special=())) == 5
+
+
+def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False):
+    """A tiny byte-level BPE in the Qwen layout: 256 byte tokens (ids in GPT-2 table order, as in Qwen), a few
+    merges whose ids follow merge order, and added tokens after them."""
+    b2u = data.bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(b2u.values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<IMG_CONTEXT>", "<img>", "</img>"] if image_tokens else [])
+    added_ids = {s: len(vocab) + 10 + i for i, s in enumerate(added)}  # a gap, as in real checkpoints
+    os.makedirs(path, exist_ok=True)
+    if layout == "tokenizer.json":
+        tj = {"model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+              "added_tokens": [{"id": i, "content": s, "special": True} for s, i in added_ids.items()]}
+        json.dump(tj, open(os.path.join(path, "tokenizer.json"), "w"))
+    else:
+        json.dump(vocab, open(os.path.join(path, "vocab.json"), "w"))
+        open(os.path.join(path, "merges.txt"), "w").write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
+        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in added_ids.items()}},
+                  open(os.path.join(path, "tokenizer_config.json"), "w"))
+    return vocab, added_ids
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+def test_folder_tokenizer(tmp_path, layout):
+    """A Qwen3-style folder: merges apply, text round-trips, specials are single ids only when allowed, and
+    the missing image tokens are appended after the highest id."""
+    vocab, added = write_bpe_folder(str(tmp_path / "qwen3"), layout)
+    enc = data.get_tokenizer(str(tmp_path / "qwen3"))
+    for t in TEXTS + [" the other word"]:
+        assert enc.decode(enc.encode(t)) == t
+    assert enc.encode(" the") == [vocab["Ġthe"]]  # the merges were used (ids = ranks)
+    assert enc.encode(" word") == [vocab["Ġwor"], vocab["d"]]
+    ids = data.special_ids(enc)
+    assert ids["im_end"] == added["<|im_end|>"]
+    top = max(added.values())
+    assert (ids["img_context"], ids["img_start"], ids["img_end"]) == (top + 1, top + 2, top + 3)
+    assert enc.encode("<|im_end|>", allowed_special="all") == [ids["im_end"]]
+    assert ids["im_end"] not in enc.encode("<|im_end|>", disallowed_special=())
+    with pytest.raises(ValueError):  # tiktoken's default: special text in ordinary input is an error
+        enc.encode("<|im_end|>")
+
+
+def test_neo_folder_keeps_its_image_ids(tmp_path):
+    """A released-NEO-style folder already lists <img>, </img>, <IMG_CONTEXT>: their ids are kept."""
+    _, added = write_bpe_folder(str(tmp_path / "neo"), image_tokens=True)
+    ids = data.special_ids(data.get_tokenizer(str(tmp_path / "neo")))
+    assert ids["img_start"] == added["<img>"] and ids["img_context"] == added["<IMG_CONTEXT>"]
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(ValueError, match="'bytes'.*folder"):
+        data.get_tokenizer("gpt2")
+
+
+# ---- images
+
+
+def photo(w, h, mode="RGB"):
+    """A photo-like image: smooth gradients plus noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx / w * 255, yy / h * 255, (xx + yy) % 255], -1) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+def huge_png_header(path, w, h):
+    """A valid PNG whose header claims w x h: what a decompression bomb looks like before decoding."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                           + chunk(b"IEND", b""))
+
+
+def test_bad_images(tmp_path):
+    """Each kind of bad input raises DataError naming the file and the reason."""
+    t = str(tmp_path)
+    open(f"{t}/empty.png", "wb").close()
+    open(f"{t}/text.jpg", "w").write("this is not an image\n")
+    buf = f"{t}/full.jpg"
+    photo(200, 150).save(buf, quality=90)
+    open(f"{t}/truncated.jpg", "wb").write(open(buf, "rb").read()[:1500])
+    Image.new("RGB", (2010, 10)).save(f"{t}/strip.png")
+    huge_png_header(f"{t}/bomb.png", 100_000, 100_000)
+    huge_png_header(f"{t}/bomb2.png", 10_000, 10_000)  # over our limit, under PIL's own hard error
+    cases = {"missing.png": "no such file", "empty.png": "empty", "text.jpg": "not an image",
+             "truncated.jpg": "truncated", "strip.png": "aspect", "bomb.png": "bomb", "bomb2.png": "bomb"}
+    for f, why in cases.items():
+        with pytest.raises(DataError, match=why) as e:
+            data.load_image(f"{t}/{f}")
+        assert f in str(e.value)
+    assert data.load_image(buf).shape[0] == 3
+
+
+def test_odd_photo_size():
+    """451x300 -> both sides multiples of 32, pixel count within the budget, aspect about kept."""
+    x = data.load_image(photo(451, 300), 64 * 64, 256 * 256)
+    _, H, W = x.shape
+    assert H % 32 == 0 and W % 32 == 0 and 64 * 64 <= H * W <= 256 * 256, x.shape
+    assert abs(W / H - 451 / 300) < 0.25
+    assert abs(x.mean().item()) < 2 and x.dtype == torch.float32  # normalised, not 0..255
+
+
+def test_smart_resize_budget():
+    """Every size from tiny to long strips lands on multiples of 32 within [min, max]."""
+    for h, w in [(1, 1), (10, 1990), (31, 33), (300, 451), (4000, 3000), (64, 64), (100, 20000)]:
+        hb, wb = data.smart_resize(h, w, 64 * 64, 256 * 256)
+        assert hb % 32 == wb % 32 == 0 and 64 * 64 <= hb * wb <= 256 * 256, (h, w, hb, wb)
+
+
+def test_image_modes_and_exif(tmp_path):
+    """RGBA, palette, grayscale, 16-bit, CMYK all load; EXIF rotation applied; light RGBA goes on black."""
+    im = photo(96, 64)
+    for mode in ("RGBA", "P", "L", "LA", "CMYK", "1"):
+        assert data.load_image(im.convert(mode)).shape == (3, 64, 96), mode
+    g16 = Image.fromarray((np.arange(64 * 96).reshape(64, 96) * 10).astype(np.uint16))
+    p = str(tmp_path / "g16.png")
+    g16.save(p)
+    x = data.load_image(p)
+    assert x.shape == (3, 64, 96) and x.max() > 1  # scaled from 16 bits, not clipped to black/white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: a 96x64 file shows as 64 wide, 96 tall
+    p = str(tmp_path / "rot.jpg")
+    im.save(p, exif=exif)
+    assert data.load_image(p).shape == (3, 96, 64)
+    white = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    white.paste((255, 255, 255, 255), (16, 16, 48, 48))
+    rgb = np.asarray(data.to_rgb(white))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[32, 32].tolist() == [255, 255, 255]
+
+
+# ---- video
+
+
+def test_video_sources(tmp_path):
+    """GIF, folder of frames and a file list: uniform sampling, timestamps, the DESIGN §2 text."""
+    frames = [Image.new("RGB", (64, 64), (i * 20, 0, 0)) for i in range(10)]
+    gif = str(tmp_path / "v.gif")
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)
+    os.makedirs(tmp_path / "frames")
+    files = []
+    for i, f in enumerate(frames):
+        files.append(str(tmp_path / "frames" / f"{i:03d}.png"))
+        f.save(files[-1])
+    for src in (gif, str(tmp_path / "frames"), files):
+        fr, ts, dur = data.load_video(src, num_frames=4, max_pixels=64 * 64)
+        assert len(fr) == 4 and all(f.shape == (3, 64, 64) for f in fr)
+        assert ts == sorted(ts) and ts[0] >= 0 and ts[-1] < dur
+    assert dur == 10 and data.load_video(gif, 4)[2] == pytest.approx(5.0)  # GIF: 500 ms per frame
+    # sampled frames are spread out: frame 1, 3, 6, 8 of 10 (their red channel tells which)
+    fr, ts, _ = data.load_video(files, 4)
+    assert ts == [1, 3, 6, 8]
+    text = data.video_prompt([0.0, 2.5, 5.0], 7.5)
+    assert text.startswith("The time range of this video is [00:00-00:07], and the following is a series of 3 frames")
+    assert "[00:02.50]:<image>\n" in text and text.count("<image>") == 3
+
+
+# ---- conversations and packing
+
+
+def test_chat_labels_only_on_assistant():
+    enc = data.get_tokenizer("bytes")
+    img = torch.zeros(3, 64, 96)
+    s = data.encode_chat(enc, [("system", "sys"), ("user", "<image>hi"), ("assistant", "yo")], [img])
+    text = enc.decode(s["input_ids"]).replace("<IMG_CONTEXT>", "")
+    assert text == "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n<img></img>hi<|im_end|>\n" \
+                   "<|im_start|>assistant\nyo<|im_end|>\n"
+    assert s["input_ids"].count(261) == 6
+    sup = [t for t, l in zip(s["input_ids"], s["labels"]) if l != IGNORE_INDEX]
+    assert enc.decode(sup) == "yo<|im_end|>"
+    with pytest.raises(DataError):
+        data.encode_chat(enc, [("user", "<image><image>")], [img])
+    p = data.encode_pair(enc, [img], "a cat")
+    assert enc.decode([t for t, l in zip(p["input_ids"], p["labels"]) if l != IGNORE_INDEX]) == "a cat<|endoftext|>"
+
+
+def test_packing():
+    """Spans stay whole, targets are the labels shifted exactly once, weights 1/sqrt(n), doc ids restart."""
+    w = data.ShapesWorld("midtrain")
+    samples = [w[i] for i in range(40)]
+    rows, left = data.pack(samples, 3, 400)
+    batch = data.collate(rows, 400, pad_id=256)
+    x, y, lw, d = batch["input_ids"], batch["targets"], batch["loss_weights"], batch["doc_ids"]
+    assert x.shape == y.shape == lw.shape == d.shape == (3, 400)
+    assert len(batch["images"]) == sum(len(s["images"]) for r in rows for s in r)
+    k = 0
+    for b, row in enumerate(rows):
+        p = 0
+        for doc, s in enumerate(row):
+            n = len(s["input_ids"])
+            assert x[b, p:p + n].tolist() == s["input_ids"] and (d[b, p:p + n] == doc).all()
+            assert y[b, p:p + n].tolist() == s["labels"][1:] + [IGNORE_INDEX]
+            n_sup = sum(l != IGNORE_INDEX for l in s["labels"])
+            assert torch.allclose(lw[b, p:p + n][y[b, p:p + n] != IGNORE_INDEX], torch.tensor(1 / math.sqrt(n_sup)))
+            assert (lw[b, p:p + n][y[b, p:p + n] == IGNORE_INDEX] == 0).all()
+            p += n
+        assert (d[b, p:] == -1).all() and (y[b, p:] == IGNORE_INDEX).all() and (lw[b, p:] == 0).all()
+        # every image span is whole and matches its image, in order
+        ids = x[b].tolist()
+        for i, t in enumerate(ids):
+            if t == 259:
+                H, W = batch["images"][k].shape[1:]
+                n = H // 32 * W // 32
+                assert ids[i + 1:i + 1 + n] == [261] * n and ids[i + 1 + n] == 260
+                k += 1
+    assert k == len(batch["images"])
+    neo = pytest.importorskip("neo")  # the model's t restarts at 0 at each document of the packed row
+    cfg = neo.NEOConfig()
+    grids = [(im.shape[1] // 32, im.shape[2] // 32) for im in batch["images"]]
+    pos, _ = neo.build_positions(x, grids, cfg, d)
+    starts = (d[:, 1:] != d[:, :-1]) & (d[:, 1:] >= 0)
+    assert (pos[0, :, 1:][starts] == 0).all() and (pos[0, :, 0] == 0).all()
+
+
+# ---- ShapesWorld
+
+
+def components(img):
+    """Connected blobs of non-background pixels (4-neighbour flood fill)."""
+    a = np.asarray(img)
+    fg = (a != np.array(data.BACKGROUND)).any(-1)
+    seen, n = np.zeros_like(fg), 0
+    for y0, x0 in zip(*np.nonzero(fg)):
+        if seen[y0, x0]:
+            continue
+        n += 1
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < fg.shape[0] and 0 <= xx < fg.shape[1] and fg[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+    return n
+
+
+def centroid(img):
+    a = np.asarray(img)
+    ys, xs = np.nonzero((a != np.array(data.BACKGROUND)).any(-1))
+    return xs.mean(), ys.mean()
+
+
+def test_shapes_answers_match_pixels():
+    """Counts equal the blobs drawn, colours are present, directions equal the motion, appearance frames
+    are the first non-empty ones, multi-image counts compare the blobs."""
+    w = data.ShapesWorld(split="val")
+    for i in range(30):
+        ex = w.example(i, "count")
+        assert components(ex["images"][0]) == int(ex["turns"][0][1])
+        ex = w.example(i, "color")
+        rgb = np.asarray(ex["images"][0]).reshape(-1, 3)
+        assert (rgb == data.COLORS[ex["turns"][0][1]]).all(-1).sum() > 50
+        ex = w.example(i, "video_dir")
+        (x0, y0), (x1, y1) = centroid(ex["images"][0]), centroid(ex["images"][-1])
+        dx, dy = x1 - x0, y1 - y0
+        want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert want == ex["turns"][0][1] and max(abs(dx), abs(dy)) > 20
+        ex = w.example(i, "video_appear")
+        first = next(k for k, im in enumerate(ex["images"]) if components(im) > 0)
+        assert str(first + 1) == ex["turns"][0][1]
+        ex = w.example(i, "multi_count")
+        a, b = map(components, ex["images"])
+        assert ex["turns"][0][1] == ("first" if a > b else "second")
+        ex = w.example(i, "spatial")
+        assert ex["turns"][0][1] in ex["turns"][0][0]
+        ex = w.example(i, "text")
+        assert ex["images"] == [] and ex["turns"][0][1]
+
+
+def template(q):
+    """A question with its object names blanked: the text a blind model sees, up to the names."""
+    return re.sub(r"\b(" + "|".join(list(data.COLORS) + list(data.SHAPES)) + r")\b", "X", q.split("\n")[-1])
+
+
+def test_answer_balance():
+    """Within every question template each answer is about equally likely, and in 'which of the two named'
+    questions the first-named one is the answer half the time: a blind model scores at chance."""
+    w = data.ShapesWorld()
+    for fam, (answers, chance) in data.FAMILIES.items():
+        if answers is None:
+            continue
+        by_q, first = {}, []
+        for i in range(400):
+            q, a = w.example(i, fam)["turns"][0]
+            by_q.setdefault(template(q), []).append(a)
+            if fam == "size":
+                first.append(q.index(a) < q.rindex(" the "))
+        for t, got in by_q.items():
+            c = Counter(got)
+            k = len(c)
+            assert k >= 2 and set(c) <= set(answers), (fam, t, c)
+            assert min(c.values()) > 0.6 * len(got) / k and max(c.values()) < 1.4 * len(got) / k, (fam, t, c)
+        if fam == "size":
+            assert 0.4 < sum(first) / len(first) < 0.6
+        elif fam != "spatial":  # spatial: the template names two options, chance 1/2
+            assert abs(1 / len(Counter(a for v in by_q.values() for a in v)) - chance) < 1e-9, fam
+
+
+def test_stage_mixtures_and_eval():
+    """llm is text only, pretrain mostly captions, midtrain every family; held-out prompts end in the
+    assistant header and score() gives per-family exact match."""
+    enc = data.get_tokenizer("bytes")
+    fams = {s: Counter(data.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in data.MIXES}
+    assert set(fams["llm"]) == {"text"}
+    assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
+    assert set(fams["midtrain"]) == set(data.FAMILIES)
+    assert "multi_turn" in fams["sft"]
+    val = data.ShapesWorld(split="val")
+    prompts = val.eval_prompts(3)
+    assert len(prompts) == 3 * len(data.FAMILIES)
+    tail = [257] + enc.encode("assistant\n")
+    assert all(p["input_ids"][-len(tail):] == tail for p in prompts)
+    again = data.ShapesWorld(split="val", seed=123).eval_prompts(3)  # the held-out split ignores the seed
+    assert [p["input_ids"] for p in again] == [p["input_ids"] for p in prompts]
+    acc = data.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
+    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(data.FAMILIES)
+
+
+# ---- JSONL datasets
+
+
+def test_jsonl_dataset(tmp_path):
+    """Single image, image list, `images`, video, text-only and pre-training records load; a broken line and
+    a missing image are skipped and counted; name%rate changes the size."""
+    root = tmp_path / "imgs"
+    os.makedirs(root / "clip")
+    photo(451, 300).save(root / "a.jpg")
+    photo(100, 200).save(root / "b.png")
+    for i in range(6):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(root / "clip" / f"{i}.png")
+    recs = [
+        {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                             {"from": "gpt", "value": "A photo."}]},
+        {"image": ["a.jpg", "b.png"], "conversations": [{"from": "human", "value": "Compare."},
+                                                         {"from": "gpt", "value": "Two."}]},
+        {"images": ["b.png"], "conversations": [{"from": "system", "value": "Be brief."},
+                                                {"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "ok"}]},
+        {"video": "clip", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                            {"from": "gpt", "value": "It turns red."}]},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+        {"image": "a.jpg", "caption": "a gradient"},
+        {"image": "missing.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+    ]
+    p = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(3, '{"image": "a.jpg", "conversations": [')  # a broken line
+    p.write_text("\n".join(lines) + "\n\n")
+    ds = data.JSONLDataset(str(p), image_root=str(root), max_pixels=128 * 128, video_frames=4)
+    assert len(ds) == 8
+    out = [ds[i] for i in range(len(ds))]
+    assert sum(s is None for s in out) == 2 and ds.bad == 2 and "missing.jpg" in ds.last_error
+    good = [s for s in out if s is not None]
+    assert [len(s["images"]) for s in good] == [1, 2, 1, 4, 0, 1]
+    enc = ds.enc
+    assert "The time range of this video" in enc.decode(good[3]["input_ids"])
+    assert enc.decode([t for t, l in zip(good[1]["input_ids"], good[1]["labels"]) if l >= 0]) == "Two.<|im_end|>"
+    assert all(im.shape[1] * im.shape[2] <= 128 * 128 for s in good for im in s["images"])
+    assert len(data.JSONLDataset(f"{p}%50,{p}%200", image_root=str(root))) == 4 + 16
+    (tmp_path / "d.json").write_text(json.dumps(recs))  # a .json list works the same way
+    dj = data.JSONLDataset(str(tmp_path / "d.json"), image_root=str(root), video_frames=4)
+    assert [len(dj[i]["images"]) for i in range(6)] == [1, 2, 1, 4, 0, 1] and dj[6] is None
+    loader = data.PackedLoader(ds, batch_size=2, max_seq_len=300, seed=0)
+    b = batches(loader, 2)
+    assert b[0]["input_ids"].shape == (2, 300) and loader.bad > 0  # bad records drawn, skipped, counted
+
+
+# ---- loader
+
+
+def batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in ("input_ids", "targets", "loss_weights", "doc_ids")) and \
+        len(a["images"]) == len(b["images"]) and all(torch.equal(x, y) for x, y in zip(a["images"], b["images"]))
+
+
+def test_loader_determinism_resume_and_sharding():
+    """Same seed, same batches (with or without workers); resume from state_dict continues exactly; rank r of
+    2 gets global batches r, r+2, ... (disjoint, and together one process's stream)."""
+    w = data.ShapesWorld("midtrain")
+    mk = lambda **kw: data.PackedLoader(w, batch_size=2, max_seq_len=256, seed=7, **kw)
+    ref = batches(mk(), 6)
+    assert all(same(a, b) for a, b in zip(ref, batches(mk(), 6)))
+    assert not same(ref[0], batches(data.PackedLoader(w, 2, 256, seed=8), 1)[0])
+    l1 = mk()
+    it = iter(l1)
+    for _ in range(3):
+        next(it)
+    l2 = mk()
+    l2.load_state_dict(l1.state_dict())
+    assert same(next(iter(l2)), ref[3])
+    r0, r1 = batches(mk(rank=0, world_size=2), 3), batches(mk(rank=1, world_size=2), 3)
+    assert all(same(a, ref[2 * i]) and same(b, ref[2 * i + 1]) for i, (a, b) in enumerate(zip(r0, r1)))
+    assert not same(r0[0], r1[0])
+    assert all(same(a, b) for a, b in zip(ref[:4], batches(mk(num_workers=2), 4)))
+    assert (ref[0]["doc_ids"] >= 0).float().mean() > 0.8  # rows are well filled
+
+
+def test_too_long_skipped_with_warning():
+    """Samples longer than max_seq_len are skipped, counted, and reported with the count."""
+    w = data.ShapesWorld("midtrain")
+    loader = data.PackedLoader(w, batch_size=1, max_seq_len=100, seed=0)
+    with pytest.warns(UserWarning, match=r"skipped \d+ samples longer than max_seq_len=100"):
+        b = batches(loader, 3)
+    assert loader.too_long > 0 and loader.skipped == loader.too_long
+    assert all((x["doc_ids"] >= 0).sum() <= 100 for x in b)
+    assert loader.state_dict()["too_long"] == loader.too_long
