@@ -1,0 +1,175 @@
+"""
+Tests for train.py: config parsing, stage freezing, resume, DDP equivalence, a loss that falls. CPU only,
+tiny models, a few steps each (the whole file runs in about a minute on 2 cores).
+
+    python -m pytest -q test_train.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from neo import NEO, NEOConfig, set_trainable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a tiny model and tiny batches: every run below takes seconds
+TINY = ["--d_model=64", "--n_layer=2", "--n_pre_layers=1", "--n_head=4", "--n_kv_head=2", "--head_dim=16",
+        "--d_mlp=128", "--vision_dim=32", "--batch_size=2", "--max_seq_len=256", "--dtype=float32",
+        "--threads=1", "--eval_samples=0", "--log_interval=100"]
+
+
+def run(args, nproc=1, check=True):
+    """train.py in a subprocess (torchrun for nproc > 1); returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    p = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "history.json")) as f:
+        return [h[2] for h in json.load(f)]
+
+
+@pytest.fixture(scope="module")
+def neo_folder(tmp_path_factory):
+    """A random tiny NEO saved in the authors' layout: the starting point of single-stage runs."""
+    torch.manual_seed(0)
+    cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
+                           d_mlp=128, vision_dim=32)
+    path = str(tmp_path_factory.mktemp("init") / "neo")
+    train.save_stage_folder(NEO(cfg), "bytes", path)
+    return path
+
+
+# ---- config
+
+
+def test_config_types_and_coercion():
+    """--key=value values take the default's type: '1e4' is an int, '1' a float LR, 'False' a bool."""
+    cfg = train.parse_config(["--max_iters=1e4", "--learning_rate=1", "--resume=False", "--compile=true",
+                              "--out_dir=a=b"])
+    assert cfg.max_iters == 10000 and isinstance(cfg.max_iters, int)
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.resume is False and cfg.compile is True and cfg.out_dir == "a=b"
+    assert train.parse_config(["--model=neo-2b"]).max_seq_len == 8192  # full-scale defaults
+    assert train.parse_config(["--model=neo-2b", "--max_seq_len=4096"]).max_seq_len == 4096
+    for bad in (["--max_iters=1.5"], ["--max_iters=ten"], ["--resume=maybe"], ["--learning_rate=fast"],
+                ["--stage=pretrian"], ["--rope=2d"], ["--nope=1"], ["stray"], ["--batch_size=0"]):
+        with pytest.raises(train.ConfigError):
+            train.parse_config(bad)
+
+
+def test_bad_keys_exit_2_with_one_line():
+    """Unknown and ill-typed keys: exit code 2 and one line on stderr listing the valid keys."""
+    for args, words in ((["--lerning_rate=1e-3"], "valid keys"), (["--max_iters=abc"], "integer"),
+                        (["--resume=yes please"], "true or false")):
+        p = run(args, check=False)
+        assert p.returncode == 2, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
+    p = run(["--nope=1"], check=False)
+    assert "learning_rate" in p.stderr and "max_iters" in p.stderr
+
+
+def test_config_file(tmp_path):
+    """A config .py first, then overrides; an unknown name in the file is rejected."""
+    f = tmp_path / "c.py"
+    f.write_text("max_iters = 7\nlearning_rate = 1\n")
+    cfg = train.parse_config([str(f), "--max_iters=9"])
+    assert cfg.max_iters == 9 and cfg.learning_rate == 1.0
+    f.write_text("max_iter = 7\n")
+    with pytest.raises(train.ConfigError):
+        train.parse_config([str(f)])
+
+
+def test_lr_schedule():
+    """Warm-up to the peak, cosine down to peak * min_lr_ratio at the last step."""
+    lrs = [train.get_lr(s, 1.0, 0.1, 10, 100) for s in range(100)]
+    assert lrs[9] == 1.0 and max(lrs) == 1.0 and abs(train.get_lr(100, 1.0, 0.1, 10, 100) - 0.1) < 1e-9
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+# ---- training
+
+
+def test_toy_loss_goes_down(tmp_path):
+    """40 steps of the llm stage on ShapesWorld text: the loss falls well below where it started."""
+    out = str(tmp_path / "o")
+    run(TINY + ["--stage=llm", "--max_iters=40", "--learning_rate=3e-3", f"--out_dir={out}"])
+    ls = losses(out)
+    assert sum(ls[-5:]) / 5 < 0.7 * sum(ls[:3]) / 3, ls
+    assert os.path.isfile(os.path.join(out, "llm", "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "loss.png"))
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "midtrain", "sft"])
+def test_stage_changes_exactly_its_parameters(tmp_path, neo_folder, stage):
+    """After a few steps of a stage, exactly the parameters set_trainable(stage) unfreezes have changed."""
+    out = str(tmp_path / "o")
+    run(TINY + [f"--stage={stage}", "--max_iters=3", f"--init_from={neo_folder}", f"--out_dir={out}"])
+    before = NEO.from_pretrained(neo_folder)
+    after = NEO.from_pretrained(os.path.join(out, stage))
+    set_trainable(before, stage)
+    want = {k for k, p in before.named_parameters() if p.requires_grad}
+    assert changed(dict(before.named_parameters()), dict(after.named_parameters())) == want
+    if stage == "pretrain":  # the LLM is frozen: the embedding and the Post-LLM's own weights stay
+        assert "embed_tokens.weight" not in want and "post_llm.0.self_attn.q_proj.weight" not in want
+        assert "post_llm.0.self_attn.q_proj_hw.weight" in want and "vision.patch_embedding.weight" in want
+
+
+def test_llm_then_pretrain_hand_over(tmp_path):
+    """llm saves a Qwen3 folder; pretrain starts from it with a fresh Pre-Buffer and leaves the LLM as it was."""
+    out = str(tmp_path / "o")
+    run(TINY + ["--stage=llm", "--max_iters=2", f"--out_dir={out}"])
+    run(TINY + ["--stage=pretrain", "--max_iters=2", f"--out_dir={out}", "--eval_samples=2"])
+    assert json.load(open(os.path.join(out, "llm", "config.json")))["model_type"] == "qwen3"
+    llm = NEO.from_pretrained(os.path.join(out, "llm"), n_pre_layers=1)
+    pre = NEO.from_pretrained(os.path.join(out, "pretrain"))
+    assert pre.cfg.n_pre_layers == 1
+    for k in ("embed_tokens.weight", "post_llm.1.mlp.up_proj.weight", "post_llm.0.self_attn.k_proj.weight"):
+        assert torch.equal(llm.state_dict()[k], pre.state_dict()[k]), k
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert ev["stage"] == "pretrain" and "accuracy" in ev and "seconds" in ev
+
+
+def test_resume_is_exact(tmp_path, neo_folder):
+    """Killed after step 5 (last checkpoint at step 4), then --resume=True: the same losses and weights as
+    an uninterrupted run."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = TINY + ["--stage=midtrain", "--max_iters=8", "--eval_interval=2", f"--init_from={neo_folder}"]
+    run(common + [f"--out_dir={a}"])
+    run(common + [f"--out_dir={b}", "--kill_at=5"])
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 4
+    run(common + [f"--out_dir={b}", "--resume=True"])
+    assert losses(a) == losses(b)
+    wa = NEO.from_pretrained(os.path.join(a, "midtrain")).state_dict()
+    wb = NEO.from_pretrained(os.path.join(b, "midtrain")).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_processes_equal_one(tmp_path, neo_folder):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the loss of one process."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = TINY + ["--stage=midtrain", "--max_iters=3", "--grad_accum=2", f"--init_from={neo_folder}"]
+    run(common + [f"--out_dir={one}"])
+    run(common + [f"--out_dir={two}"], nproc=2)
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == 3
+    assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(l1, l2)), (l1, l2)
+
+
+def test_bench_runs():
+    """--bench=True prints tokens/s and the achieved fraction of the measured peak."""
+    p = run(TINY[:-3] + ["--bench=True"])
+    assert "tok/s" in p.stdout and "GFLOP/s" in p.stdout

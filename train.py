@@ -1,0 +1,757 @@
+"""
+Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
+One flat file: config, setup, data, then one training loop that every stage runs through.
+
+    python train.py                                   # whole toy pipeline on ShapesWorld (CPU ~15 min, or 1 GPU)
+    python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
+    python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
+    python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
+    python train.py my_config.py --learning_rate=1e-3 # a config file first, then overrides
+    torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --model=neo-2b \\
+        --init_from=/path/Qwen3-1.7B-Base --data=ann.jsonl --image_root=/path/images
+    torchrun --standalone --nproc_per_node=8 train.py --stage=midtrain --model=neo-9b --fsdp=True ...
+
+Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
+Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything) -> sft
+(everything, conversations). `--stage=all` runs them in order, each from the previous one's folder.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from neo import NEO, NEOConfig, PRESETS, set_trainable
+
+# -----------------------------------------------------------------------------
+# Config: every key, with the toy's defaults. `python train.py --key=value` overrides any of them.
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    stage: str = "all"            # llm|pretrain|midtrain|sft|all (all = the four in order)
+    model: str = "toy"            # NEOConfig preset: toy|neo-2b|neo-9b
+    init_from: str = ""           # '' = the previous stage's folder in out_dir (llm: scratch); else a Qwen3
+    #                               folder, a released NEO folder, or one of ours (folder or ckpt.pt)
+    out_dir: str = "out"
+    # data
+    data: str = "shapes"          # 'shapes' = the built-in ShapesWorld, else a LLaVA/NEO JSON/JSONL file
+    image_root: str = ""          # folder the JSONL's image paths are relative to
+    tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'bytes' (toy)
+    num_workers: int = 0          # loader worker processes
+    # model shape and the ablation switches of issue 6; -1 = the preset's value
+    d_model: int = -1
+    n_layer: int = -1
+    n_pre_layers: int = -1
+    n_head: int = -1
+    n_kv_head: int = -1
+    head_dim: int = -1
+    d_mlp: int = -1
+    vision_dim: int = -1
+    rope: str = "native"          # native|1d (1d: every token, visual ones too, gets its own t)
+    mask: str = "mixed"           # mixed|causal (causal: no bidirectional attention inside an image)
+    rope_theta_hw: float = -1.0   # base of the H/W rotary channels (1e4 in NEO)
+    # optimisation; 0 or -1 = the stage's recipe value (STAGES below)
+    max_iters: int = 0            # optimizer steps per stage
+    iters_scale: float = 1.0      # multiplies every stage's recipe steps (a longer toy run: --iters_scale=4)
+    learning_rate: float = 0.0    # peak LR
+    min_lr_ratio: float = -1.0    # cosine decays to learning_rate * min_lr_ratio
+    warmup_iters: int = -1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
+    grad_clip: float = 1.0
+    batch_size: int = 16          # packed rows per micro-step per process
+    max_seq_len: int = 384        # tokens per packed row (ShapesWorld samples are 50-320 tokens; longer rows
+    #                               cost more attention per token on a CPU)
+    grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
+    # system
+    device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
+    dtype: str = "auto"           # auto|bfloat16|float32 autocast (weights stay float32); auto =
+    #                               bfloat16 on a GPU or a CPU with AMX, else float32 (see resolve_dtype)
+    compile: bool = False         # torch.compile the model for training
+    fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
+    grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
+    threads: int = 0              # CPU threads; 0 = torch's default
+    seed: int = 1337
+    # loop, evaluation, checkpoints
+    log_interval: int = 10
+    eval_interval: int = 100      # steps between checkpoints (out_dir/ckpt.pt)
+    eval_samples: int = 40        # held-out prompts per task family in the end-of-stage evaluation
+    eval_batch: int = 64          # prompts generated together
+    blind: bool = True            # after the last stage, also evaluate with images replaced by noise
+    resume: bool = False          # continue from out_dir/ckpt.pt (same config)
+    bench: bool = False           # measure tokens/s and FLOP/s on the toy, then exit
+    kill_at: int = 0              # tests: stop dead right after this step, as a crash would (0 = never)
+
+
+# Full-scale presets change these defaults (only the keys not given on the command line).
+FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpointing=True, eval_interval=1000,
+                  log_interval=1, blind=False, eval_samples=0)
+
+# Per-stage recipe. `paper`: DESIGN.md §6 (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps;
+# mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead.
+# The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
+# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves.
+STAGES = {
+    #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
+    "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 20)),
+    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 40)),
+    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 10, 200)),
+    "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 20)),
+}
+ORDER = ["llm", "pretrain", "midtrain", "sft"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def coerce(key, value, default):
+    """A string (command line) or Python value (config file) -> the type of the key's default."""
+    kind = type(default)
+    if not isinstance(value, str):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise ConfigError(f"--{key} must be {kind.__name__}, got {value!r}")
+        return value
+    if kind is bool:
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} must be true or false, got {value!r}")
+    if kind is int:  # '1e4' is accepted when it is a whole number, '1.5' is not
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"--{key} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"--{key} must be an integer, got {value!r}")
+        return int(f)
+    if kind is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"--{key} must be a number, got {value!r}") from None
+    return value
+
+
+def parse_config(argv):
+    """[config.py] --key=value ... -> TrainConfig. Raises ConfigError with one line saying what is wrong."""
+    defaults = TrainConfig()
+    valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
+    given = {}
+    if argv and not argv[0].startswith("--"):  # a config file: plain Python assigning some keys
+        import runpy
+        path, argv = argv[0], argv[1:]
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} not found")
+        for k, v in runpy.run_path(path).items():
+            if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                if k not in valid:
+                    raise ConfigError(f"unknown key {k!r} in {path}; valid keys: {', '.join(valid)}")
+                given[k] = coerce(k, v, valid[k])
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments look like --key=value, got {arg!r}; valid keys: {', '.join(valid)}")
+        k, v = arg[2:].split("=", 1)  # split once: values may contain '='
+        if k not in valid:
+            raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(valid)}")
+        given[k] = coerce(k, v, valid[k])
+    model = given.get("model", defaults.model)
+    if model not in PRESETS:
+        raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
+    base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
+    cfg = TrainConfig(**{**base, **given})
+    checks = [("stage", cfg.stage in ORDER + ["all"], "llm|pretrain|midtrain|sft|all"),
+              ("rope", cfg.rope in ("native", "1d"), "native|1d"),
+              ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
+              ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
+              ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
+              ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
+              ("log_interval", cfg.log_interval >= 1, ">= 1")]
+    for key, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
+    return cfg
+
+
+def stage_recipe(cfg, stage):
+    """(lr, min_lr_ratio, warmup, iters) of a stage: the recipe, with the command line's overrides."""
+    rec = STAGES[stage]["toy" if cfg.model == "toy" else "paper"]
+    if rec is None:
+        raise ConfigError("the llm stage is the toy's stand-in for a pretrained Qwen3: use --model=toy, "
+                          "or start from one with --stage=pretrain --init_from=/path/Qwen3")
+    lr, ratio, warm, iters = rec
+    iters = cfg.max_iters or max(1, round(iters * cfg.iters_scale))
+    return (cfg.learning_rate or lr, ratio if cfg.min_lr_ratio < 0 else cfg.min_lr_ratio,
+            min(warm, iters // 5) if cfg.warmup_iters < 0 else cfg.warmup_iters, iters)
+
+
+def get_lr(step, lr, ratio, warmup, iters):
+    """Linear warm-up, then cosine from lr down to lr * ratio at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, iters - warmup))
+    return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def model_overrides(cfg):
+    """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
+    out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
+                                        "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
+    return {**out, "rope": cfg.rope, "mask": cfg.mask}
+
+
+# -----------------------------------------------------------------------------
+# Setup: processes, device, precision
+
+
+def setup_distributed(cfg):
+    """nanoGPT-style: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one process."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl")
+        else:  # CPU: gloo (the tests run two CPU processes this way)
+            device = "cpu"
+            dist.init_process_group("gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = cfg.device if cfg.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    return ddp, rank, local_rank, world, device
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def measure_cpu_peak(dtype, seconds=1.0):
+    """FLOP/s of a large matmul in `dtype` on this CPU: the ceiling MFU is measured against on a CPU."""
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def gpu_peak_flops(name):
+    """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
+    table = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40", 362e12),
+             ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+    return next((p for k, p in table if k in name), float("inf"))
+
+
+def resolve_dtype(cfg, device):
+    """auto -> bfloat16 on a GPU; on a CPU only with AMX (bf16 matrix units). Measured on a 2-core AVX-512
+    Xeon without AMX: the toy trains ~1.4x faster in float32 than under bf16 autocast (bf16 GEMMs run at half
+    the fp32 rate there); a CPU with AMX was measured ~1.8x faster in bf16."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if "cuda" in device:
+        return "bfloat16"
+    return "bfloat16" if "AMX" in torch.backends.cpu.get_cpu_capability() else "float32"
+
+
+# -----------------------------------------------------------------------------
+# Data: the only place train.py touches data.py
+
+
+def resolve_tokenizer(cfg, init):
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for d in (init, os.path.dirname(init) if init else ""):  # our stage folders carry tokenizer.txt
+        if d and os.path.isfile(os.path.join(d, "tokenizer.txt")):
+            return open(os.path.join(d, "tokenizer.txt")).read().strip()
+        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
+            return d
+    return "bytes"
+
+
+def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
+    """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
+    if cfg.data == "shapes":
+        source = data.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
+                                  max_pixels=mcfg.max_pixels, seed=seed)
+    else:
+        source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
+                                   max_pixels=mcfg.max_pixels, stage=stage)
+    return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, rank=rank,
+                             world_size=world, seed=seed, num_workers=cfg.num_workers)
+
+
+def to_device(batch, device):
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
+    """Held-out exact match per task family: greedy generation with the KV cache, prompts of equal token
+    length generated together. blind=True replaces every image with noise: the accuracy a model that
+    cannot see gets (it should sit at each family's chance level)."""
+    model.eval()
+    ids = data.special_ids(enc)
+    special = set(ids.values())
+    prompts = data.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
+                               max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
+    gen = torch.Generator().manual_seed(0)
+    groups = {}
+    for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
+        groups.setdefault(len(p["input_ids"]), []).append(p)
+    preds = []
+    bar = tqdm(total=len(prompts), desc="eval" + (" (blind)" if blind else ""), leave=False,
+               disable=int(os.environ.get("RANK", 0)) != 0)
+    for L, group in groups.items():
+        for i in range(0, len(group), cfg.eval_batch):
+            chunk = group[i:i + cfg.eval_batch]
+            x = torch.tensor([p["input_ids"] for p in chunk], device=device)
+            imgs = [im for p in chunk for im in p["images"]]
+            if blind:
+                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
+            imgs = [im.to(device) for im in imgs]
+            n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
+            with ctx:
+                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"])
+            for p, row in zip(chunk, out.tolist()):
+                row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
+                preds.append((p, enc.decode([t for t in row if t not in special])))
+            bar.update(len(chunk))
+    bar.close()
+    model.train()
+    return data.score(preds)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, everything needed to resume exactly
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def full_state(model, opt, fsdp):
+    """Model and optimizer state as plain full tensors (gathered from all ranks under FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), opt.state_dict()
+
+
+def load_full_state(model, opt, msd, osd, fsdp):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(msd)
+        opt.load_state_dict(osd)
+
+
+def save_stage_folder(model, tok_name, path, qwen3=False):
+    (model.save_qwen3 if qwen3 else model.save_pretrained)(path)
+    if not os.path.isdir(tok_name):  # a named tokenizer ('bytes'): record the name; folders are copied
+        with open(os.path.join(path, "tokenizer.txt"), "w") as f:
+            f.write(tok_name + "\n")
+    else:
+        import shutil
+        for fn in os.listdir(tok_name):
+            if fn.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+                shutil.copy(os.path.join(tok_name, fn), path)
+
+
+def draw_loss_curve(history, path):
+    """history [(stage, global_step, loss)] -> a PNG with one colour per stage (PIL only)."""
+    from PIL import Image, ImageDraw
+    if not history:
+        return
+    W, H, m = 900, 420, 50
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    xs, ys = [h[1] for h in history], [h[2] for h in history]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    lo, hi = min(ys), max(ys)
+    hi = max(hi, lo + 1e-3)
+    X = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    Y = lambda y: H - m - (y - lo) / (hi - lo) * (H - 2 * m)
+    d.rectangle((m, m, W - m, H - m), outline="black")
+    for k in range(5):
+        y = lo + (hi - lo) * k / 4
+        d.text((4, Y(y) - 6), f"{y:.2f}", fill="black")
+    colours = {"llm": (90, 90, 90), "pretrain": (200, 60, 60), "midtrain": (50, 110, 200), "sft": (40, 160, 80)}
+    for s in colours:
+        pts = [(X(x), Y(y)) for st, x, y in history if st == s]
+        if len(pts) > 1:
+            d.line(pts, fill=colours[s], width=2)
+        if pts:
+            d.text((pts[0][0] + 3, m + 4), s, fill=colours[s])
+    d.text((W // 2 - 60, H - m + 15), "step (all stages)", fill="black")
+    d.text((m, 15), "training loss (square-weighted CE)", fill="black")
+    im.save(path)
+
+
+# -----------------------------------------------------------------------------
+# One stage
+
+
+def load_stage_model(cfg, stage, init):
+    """The model a stage starts from (DESIGN §5/§6 and the contract):
+    llm: scratch (a Qwen3-like LM, no Pre-Buffer); pretrain: a Qwen3 folder with K fresh Pre-Buffer layers
+    in front, or a NEO folder; midtrain/sft: the previous stage's NEO folder or ckpt."""
+    ov = model_overrides(cfg)
+    if stage == "llm":
+        if init:
+            return NEO.from_pretrained(init, **{**ov, "n_pre_layers": 0})
+        return NEO(NEOConfig.preset(cfg.model, **{**ov, "n_pre_layers": 0}))
+    if not init:
+        raise ConfigError(f"--stage={stage} needs a model to start from: --init_from=<folder> or a previous "
+                          f"stage in {cfg.out_dir}")
+    if not os.path.exists(init):
+        raise ConfigError(f"--init_from={init} does not exist")
+    cfg_json = os.path.join(init, "config.json")
+    is_qwen3 = os.path.isfile(cfg_json) and json.load(open(cfg_json)).get("model_type") == "qwen3"
+    if is_qwen3:  # the LLM's sizes come from its config.json; we choose only what NEO adds to it
+        ov = {k: v for k, v in ov.items() if k in ("n_pre_layers", "vision_dim", "rope", "mask", "rope_theta_hw")}
+        ov.setdefault("n_pre_layers", PRESETS[cfg.model].get("n_pre_layers", NEOConfig.n_pre_layers))
+    else:  # a trained NEO keeps its shape; only the switches may change
+        ov = {k: v for k, v in ov.items() if k in ("rope", "mask")}
+    return NEO.from_pretrained(init, **ov)
+
+
+def run_stage(cfg, stage, init, env, state):
+    """Train one stage from `init`; returns the folder its final weights are in."""
+    ddp, rank, local_rank, world, device = env
+    master = rank == 0
+    device_type = "cuda" if "cuda" in device else "cpu"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    lr, ratio, warmup, iters = stage_recipe(cfg, stage)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # ---- model, from the previous stage or a checkpoint being resumed
+    resume = state.pop("resume_ckpt", None)
+    tok = resolve_tokenizer(cfg, init) if resume is None else resume["tokenizer"]
+    enc = data.get_tokenizer(tok)
+    if resume is not None:
+        model = NEO(NEOConfig(**resume["model_config"]))
+        model.load_state_dict(resume["model"])
+    else:
+        model = load_stage_model(cfg, stage, init)
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    set_trainable(model, stage)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"[{stage}] {model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; from "
+           f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
+           f"warm-up {warmup}, {iters} steps")
+    raw_model = model
+    opt = raw_model.configure_optimizers(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))
+    if cfg.fsdp:  # FSDP2: shard every layer, then the rest; mixed precision by the policy, not autocast
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+        for blk in list(raw_model.pre_buffer) + list(raw_model.post_llm):
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)
+        ctx = nullcontext()
+        opt = raw_model.configure_optimizers(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2))  # on the DTensors
+    if resume is not None:
+        load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # find_unused_parameters: a micro-batch without images leaves the patch embedding without a grad
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                    find_unused_parameters=True)
+
+    # ---- data: each rank reads its own shard; grad_accum counts micro-steps over all ranks
+    assert cfg.grad_accum % world == 0, f"grad_accum {cfg.grad_accum} must be a multiple of the world size {world}"
+    accum = cfg.grad_accum // world
+    loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + ORDER.index(stage))
+    step = 0
+    if resume is not None:
+        loader.load_state_dict(resume["data_state"])
+        set_rng_state(resume["rng"][rank] if isinstance(resume["rng"], list) else resume["rng"])
+        step = resume["step"]
+    it = iter(loader)
+    flops_tok = raw_model.flops_per_token(cfg.max_seq_len)
+    peak = state["peak"]
+
+    def checkpoint():
+        msd, osd = full_state(raw_model, opt, cfg.fsdp)
+        rngs = [None] * world
+        if ddp:  # every rank's RNG, so a resumed run continues each rank's stream
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            atomic_save({"model": msd, "model_config": asdict(raw_model.cfg), "optimizer": osd, "stage": stage,
+                         "step": step, "rng": rngs, "data_state": loader.state_dict(), "train_config": asdict(cfg),
+                         "tokenizer": tok, "init": init or "", "history": state["history"]}, ckpt_path)
+
+    # ---- the loop
+    model.train()
+    bar = tqdm(total=iters, initial=step, desc=stage, disable=not master, dynamic_ncols=True)
+    t_log, tok_log, t_stage = time.perf_counter(), 0, time.perf_counter()
+    skipped0 = getattr(loader, "skipped", 0)
+    while step < iters:
+        lr_now = get_lr(step, lr, ratio, warmup, iters)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        loss_sum = torch.zeros((), device=device)
+        n_tok = 0
+        for micro in range(accum):
+            batch = to_device(next(it), device)
+            n_tok += int((batch["doc_ids"] >= 0).sum())
+            # sync gradients only on the last micro-step (set before forward: DDP reads it there)
+            if ddp and not cfg.fsdp:
+                model.require_backward_grad_sync = micro == accum - 1
+            if cfg.fsdp:
+                raw_model.set_requires_gradient_sync(micro == accum - 1)
+            with ctx:
+                _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
+                                batch["loss_weights"])
+            # each micro-batch loss is a mean, so divide to make the sum over micro-steps their mean
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            norm = norm.full_tensor()
+        stats = torch.stack((loss_sum / accum, norm.float().to(device)))
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world
+        loss_f, norm_f = stats.tolist()  # one CPU-GPU sync per step: the NaN guard must see every step
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            print0(f"\n[{stage}] step {step}: loss {loss_f}, grad norm {norm_f}: not finite; stopping before "
+                   f"the update. The last good checkpoint is {ckpt_path}. Try a lower --learning_rate.")
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        state["history"].append((stage, state["step0"] + step, loss_f))
+        tok_log += n_tok * world
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == iters:
+            dt = time.perf_counter() - t_log
+            tps = tok_log / dt
+            mfu = tps * flops_tok / (peak * world)
+            eta = (time.perf_counter() - t_stage) / (step - state.get("resumed_at", 0)) * (iters - step)
+            bar.set_postfix(loss=f"{loss_f:.3f}", lr=f"{lr_now:.1e}", refresh=False)
+            if master:
+                bar.write(f"[{stage}] step {step}/{iters} loss {loss_f:.4f} lr {lr_now:.2e} norm {norm_f:.2f} "
+                          f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
+            t_log, tok_log = time.perf_counter(), 0
+        if step % cfg.eval_interval == 0 or step == iters:
+            checkpoint()
+        if cfg.kill_at and state["step0"] + step == cfg.kill_at:
+            bar.close()
+            print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
+            os._exit(0)  # no cleanup, like a crash: only what is on disk survives
+    bar.close()
+    state.pop("resumed_at", None)
+    skipped = getattr(loader, "skipped", 0) - skipped0
+    if skipped:
+        print0(f"[{stage}] skipped {skipped} bad or too-long samples")
+    state["step0"] += iters
+
+    # ---- the stage's weights, in the authors' layout; evaluation
+    folder = os.path.join(cfg.out_dir, stage)
+    if cfg.fsdp:
+        msd, _ = full_state(raw_model, opt, True)
+        if master:
+            raw_model = NEO(raw_model.cfg)
+            raw_model.load_state_dict(msd)
+    if master:
+        save_stage_folder(raw_model, tok, folder, qwen3=stage == "llm")
+        print0(f"[{stage}] saved {folder}/ ({time.perf_counter() - t_stage:.0f} s)")
+        if cfg.data == "shapes" and cfg.eval_samples > 0:
+            t0 = time.perf_counter()
+            # what each stage taught: llm the text family, pretrain captions; then every family
+            families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
+            acc = evaluate(raw_model, enc, cfg, device, ctx if not cfg.fsdp else nullcontext(), families=families)
+            entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
+                     "eval_seconds": round(time.perf_counter() - t0, 1)}
+            if cfg.blind and stage == state["last_stage"]:
+                entry["blind_accuracy"] = evaluate(raw_model, enc, cfg, device, ctx, blind=True, families=families)
+            state["evals"].append(entry)
+            print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+            if "blind_accuracy" in entry:
+                print0(f"[{stage}] blind (images = noise):  " +
+                       ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
+            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+                json.dump({**entry, "stages": state["evals"]}, f, indent=2)
+    if ddp:
+        dist.barrier()
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Bench: tokens/s and achieved FLOP/s on the toy
+
+
+def bench(cfg, env):
+    _, _, _, _, device = env
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
+    model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg))).to(device)  # random weights
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(model, "midtrain")
+    opt = model.configure_optimizers(cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    enc = data.get_tokenizer(cfg.tokenizer or "bytes")
+    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
+    batches = [to_device(next(it), device) for _ in range(4)]
+    fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
+
+    def train_step(b):
+        with ctx:
+            _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[:2]:  # warm-up
+        train_step(b)
+    n, t0 = 0, time.perf_counter()
+    for k in range(8):
+        train_step(batches[k % 4])
+        n += batches[k % 4]["input_ids"].numel()
+    if "cuda" in device:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = n / dt
+    flops = tps * model.flops_per_token(cfg.max_seq_len)
+    peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
+        torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if "cuda" in device else ""
+    print(f"bench: {model.num_params() / 1e6:.2f}M params, batch {cfg.batch_size}x{cfg.max_seq_len}, dtype "
+          f"{cfg.dtype}, {torch.get_num_threads()} threads: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
+          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s measured peak = {100 * flops / peak:.1f}%{mem}")
+    return tps, flops / peak
+
+
+# -----------------------------------------------------------------------------
+# Main: the stages in order
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    env = setup_distributed(cfg)
+    ddp, rank, local_rank, world, device = env
+    cfg.dtype = resolve_dtype(cfg, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)  # per-rank offset; DDP broadcasts rank 0's weights anyway
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    if "cuda" in device:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.bench:
+        return bench(cfg, env)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    stages = ORDER if cfg.stage == "all" else [cfg.stage]
+    if cfg.stage == "all" and (cfg.init_from or cfg.model != "toy"):
+        stages = ORDER[1:]  # the LLM is given (a Qwen3 folder or a NEO): no toy llm stage
+    peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) if "cuda" in device else
+            measure_cpu_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, 0.5))
+    state = {"history": [], "evals": [], "step0": 0, "peak": peak, "t0": time.perf_counter(),
+             "last_stage": stages[-1]}
+    print0(f"device {device}, world {world}, dtype {cfg.dtype}, stages {' -> '.join(stages)}; "
+           f"{'GPU' if 'cuda' in device else 'measured CPU GEMM'} peak {peak / 1e12:.3g} TFLOP/s")
+    init = cfg.init_from
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            print(f"train.py: --resume=True but {path} does not exist", file=sys.stderr)
+            sys.exit(2)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        stages = stages[stages.index(ck["stage"]):]
+        state["history"] = [tuple(h) for h in ck["history"]]
+        state["step0"] = ck["history"][-1][1] - ck["step"] if ck["history"] else 0
+        state["resumed_at"] = ck["step"]
+        if os.path.exists(os.path.join(cfg.out_dir, "eval.json")):
+            state["evals"] = json.load(open(os.path.join(cfg.out_dir, "eval.json"))).get("stages", [])
+        state["resume_ckpt"], init = ck, ck["init"]
+        print0(f"resuming {ck['stage']} at step {ck['step']}")
+    for i, stage in enumerate(stages):
+        if i > 0:  # each stage starts from the one before it
+            init = os.path.join(cfg.out_dir, stages[i - 1])
+        elif not init and stage != "llm":  # a single stage: from the previous stage's folder in out_dir
+            prev = os.path.join(cfg.out_dir, ORDER[ORDER.index(stage) - 1])
+            init = prev if os.path.isdir(prev) else ""
+        try:
+            folder = run_stage(cfg, stage, init, env, state)
+        except ConfigError as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            sys.exit(2)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, "final")
+        import shutil
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(folder, final)
+        with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
+            json.dump(state["history"], f)
+        draw_loss_curve(state["history"], os.path.join(cfg.out_dir, "loss.png"))
+        print0(f"done in {(time.perf_counter() - state['t0']) / 60:.1f} min: {final}/, "
+               f"{os.path.join(cfg.out_dir, 'eval.json')}, {os.path.join(cfg.out_dir, 'loss.png')}")
+    if ddp:
+        dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    main()
