@@ -1,0 +1,293 @@
+"""
+Ask NEO about an image, several images or a video, and watch the answer stream out.
+
+    python sample.py --image cat.jpg                                # the toy's out/final: a ShapesWorld-style caption
+    python sample.py --image a.png --image b.png --prompt "Which image has more shapes, the first or the second?"
+    python sample.py --video clip.gif --num_frames 8 --prompt "Which way does the shape move?"
+    python sample.py --image cat.jpg --show_attention attn.png      # where the answer looked
+    python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --device cuda   # the authors' weights
+
+--init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
+(out/final, out/sft, ...: config.json, model.safetensors, tokenizer.txt or tokenizer files) or a training
+checkpoint (out/ckpt.pt). The prompt is built the way the model was trained to read it (--template):
+  neo    the authors' chat code: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<image>\\n{question}
+         <|im_end|>\\n<|im_start|>assistant\\n`; several images as "Image-1: <image>\\nImage-2: <image>\\n{question}"
+         (NEO-ov evaluation); a video as timestamped frames (data.video_prompt)
+  shapes our toy's training format (data.ShapesWorld): no system turn, "<image>{question}"
+each <image> becoming `<img>` + (H/32)*(W/32) x `<IMG_CONTEXT>` + `</img>`. Generation stops at <|im_end|>.
+"""
+import argparse
+import codecs
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from neo import NEO
+
+# The system turn of the authors' chat code. NOTE: taken to be Qwen's default; check it against the
+# released chat code (modeling_neo_chat.py) before quoting benchmark numbers. --system overrides it.
+NEO_SYSTEM = "You are a helpful assistant."
+ATTN_LAYERS = 4  # --show_attention averages over the last this-many layers (all heads)
+
+
+class SampleError(Exception):
+    """Bad input: the message is printed as one line on stderr and the exit code is 1."""
+
+
+def why(e):
+    """An exception as one short line."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Caption an image, several images or a video with NEO.")
+    p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    p.add_argument("--video", nargs="+", help="a folder of frames, an animated GIF/WebP, or frame files")
+    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly from --video (default 8)")
+    p.add_argument("--prompt", default=None, help="the question (default: asks for a description)")
+    p.add_argument("--system", default=None, help=f"system message (default: {NEO_SYSTEM!r} with --template "
+                                                  "neo, none with shapes)")
+    p.add_argument("--template", default="auto", choices=["auto", "neo", "shapes"],
+                   help="prompt format (default auto: shapes for our checkpoints, neo for released folders)")
+    p.add_argument("--init_from", default=None, help="model folder or ckpt.pt (default: OUT_DIR/final)")
+    p.add_argument("--out_dir", default="out", help="train.py's out_dir, where the default model is (default out)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="default 256")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=1337, help="for sampling (default 1337)")
+    p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default auto: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--min_pixels", type=int, default=None, help="per image (default: the model's config)")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="per image, and per video frame (default: the model's config; a quarter of it per frame)")
+    p.add_argument("--show_attention", default=None, metavar="OUT.png",
+                   help=f"save the first image (or video frame) with a heatmap of how much the answer tokens "
+                        f"attended to each of its visual tokens: mean over all heads and the last {ATTN_LAYERS} "
+                        f"layers, over every generated token")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def load_model(path, device, dtype):
+    """-> (model, tokenizer, ours). ours: written by train.py (ckpt.pt, tokenizer.txt or our config.json)."""
+    if not os.path.exists(path):
+        raise SampleError(f"{path} does not exist: pass a released NEO folder, a folder train.py wrote, or a ckpt.pt")
+    ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
+    if os.path.isdir(path) and (os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(ckpt)):
+        ckpt = None
+    if ckpt:  # our training checkpoint names its tokenizer; mmap: read that field without loading the weights
+        try:
+            try:
+                tok = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["tokenizer"]
+            except RuntimeError:  # not a zip checkpoint: mmap cannot read it, a plain load may
+                tok = torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+        except Exception as e:
+            raise SampleError(f"{ckpt}: not a readable nano-NEO checkpoint ({why(e)}); pass a ckpt.pt written by "
+                              f"train.py, a folder it wrote, or a released NEO folder") from None
+        ours = True
+    else:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SampleError(f"{path}: no config.json or ckpt.pt; pass a released NEO folder, a folder train.py "
+                              f"wrote, or a ckpt.pt")
+        if os.path.isfile(os.path.join(path, "tokenizer.txt")):
+            tok = open(os.path.join(path, "tokenizer.txt")).read().strip()
+        elif any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+            tok = path
+        else:
+            raise SampleError(f"{path}: no tokenizer (tokenizer.json, vocab.json or tokenizer.txt); copy the "
+                              f"checkpoint's tokenizer files into it")
+        ours = os.path.isfile(os.path.join(path, "tokenizer.txt")) or \
+            '"nano_neo"' in open(os.path.join(path, "config.json"), errors="replace").read()
+    try:
+        enc = data.get_tokenizer(tok)
+        ids = data.special_ids(enc)
+    except (ValueError, OSError, KeyError) as e:
+        raise SampleError(f"{path}: cannot read its tokenizer {tok!r} ({why(e)}); use the tokenizer files that "
+                          f"came with the checkpoint") from None
+    try:
+        model = NEO.from_pretrained(path)
+    except Exception as e:  # strict loading names the missing / unexpected / mis-shaped tensor
+        raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
+                          f"or a ckpt.pt, with its config and weights from the same model") from None
+    cfg = model.cfg
+    if (ids["img_start"], ids["img_context"]) != (cfg.img_start_id, cfg.img_context_id) or enc.n_vocab > cfg.vocab_size:
+        raise SampleError(f"{path}: tokenizer and model disagree (tokenizer: <img> {ids['img_start']}, <IMG_CONTEXT> "
+                          f"{ids['img_context']}, {enc.n_vocab} ids; model: {cfg.img_start_id}, {cfg.img_context_id}, "
+                          f"vocab {cfg.vocab_size}); use the tokenizer files that came with the checkpoint")
+    cfg.img_end_id = ids["img_end"]  # not in the authors' config.json; the tokenizer holds it
+    try:
+        model.eval().to(device=device, dtype=dtype)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise SampleError(f"cannot put the model on --device={device} --dtype={str(dtype)[6:]} ({why(e)}); "
+                          f"try --device=cpu") from None
+    return model, enc, ours
+
+
+# -----------------------------------------------------------------------------
+# Prompt
+
+
+def build_messages(question, n_images, video_text, template, system):
+    """-> [(role, text)] with one `<image>` per image and video frame, for data.build_prompt."""
+    if template == "shapes":  # as ShapesWorld trains: "<image><image>Which image ...?"
+        user = "<image>" * n_images + (video_text or "") + question
+    else:  # the authors' chat code; NEO-ov numbers several images
+        if n_images == 1:
+            head = "<image>\n"
+        else:
+            head = "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images))
+        user = head + (video_text or "") + question
+    return ([("system", system)] if system else []) + [("user", user)]
+
+
+def default_question(n_images, video, template):
+    if video:
+        return "Describe the video." if template == "shapes" else "Describe this video in detail."
+    if n_images > 1:
+        return "Describe the images." if template == "shapes" else "Describe these images in detail."
+    return "Describe the image." if template == "shapes" else "Describe this image in detail."
+
+
+def text_pieces(tokens, enc):
+    """Token ids -> text as it streams. Bytes wait until they form whole UTF-8 characters (a byte-level token
+    can end mid-character); stops at <|im_end|> or <|endoftext|>; other special ids print nothing."""
+    ids = data.special_ids(enc)
+    special, stops = set(ids.values()), {ids["im_end"], ids["eot"]}
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tok in tokens:
+        if tok in stops:
+            break
+        if tok not in special and tok < enc.n_vocab:  # ids past the tokenizer: the model's vocab padding
+            yield utf8.decode(enc.decode_single_token_bytes(tok))
+    yield utf8.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# --show_attention
+
+
+def heatmap(values, grid, base, path):
+    """values (gh*gw,) row-major over the visual tokens -> base image blended with a jet-like heatmap."""
+    gh, gw = grid
+    v = values.reshape(gh, gw).float().cpu().numpy()
+    v = (v - v.min()) / max(v.max() - v.min(), 1e-12)
+    v = np.asarray(Image.fromarray(v.astype(np.float32), "F").resize(base.size, Image.BILINEAR))  # (H, W)
+    heat = np.stack([np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1)], axis=-1) * 255  # r, g, b
+    out = 0.5 * np.asarray(base.convert("RGB"), dtype=np.float32) + 0.5 * heat
+    Image.fromarray(out.clip(0, 255).astype(np.uint8)).save(path)
+
+
+def to_pil(x):
+    """A normalised (3, H, W) tensor back to a PIL image (for video frames, drawn at the size the model saw)."""
+    x = x.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if "cuda" in device else "float32")
+    dtype = getattr(torch, dtype)
+    if not args.image and not args.video:
+        raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
+    if args.num_frames < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        raise SampleError("--num_frames and --max_new_tokens must be at least 1, --temperature at least 0")
+    top_k = args.top_k if args.top_k and args.top_k > 0 else None
+
+    # the model: --init_from, else the toy pipeline's final stage in out_dir
+    path = args.init_from or os.path.join(args.out_dir, "final")
+    if not args.init_from and not os.path.exists(path):
+        raise SampleError(f"no model at {path}: run `python train.py` first (it writes {path}/), "
+                          f"or pass --init_from=DIR (a released NEO folder, one of ours, or a ckpt.pt)")
+    model, enc, ours = load_model(path, device, dtype)
+    cfg, ids = model.cfg, data.special_ids(enc)
+    template = args.template if args.template != "auto" else ("shapes" if ours else "neo")
+    system = args.system if args.system is not None else (NEO_SYSTEM if template == "neo" else "")
+
+    # images and video frames, at native resolution within the pixel budget
+    max_px = args.max_pixels or cfg.max_pixels
+    min_px = args.min_pixels or min(cfg.min_pixels, max_px)
+    if not 32 * 32 <= min_px <= max_px:
+        raise SampleError(f"need 1024 <= --min_pixels ({min_px}) <= --max_pixels ({max_px})")
+    images, first = [], None
+    for f in args.image:
+        try:  # a missing, empty or corrupt file raises DataError naming it and saying why
+            pil = data.open_image(f)
+            images.append(data.to_tensor(pil, min_px, max_px))
+        except data.DataError as e:
+            raise SampleError(f"{e}; --image takes an image file (JPEG, PNG, WebP, ...)") from None
+        first = pil if first is None else first
+    video_text = None
+    if args.video:
+        src = args.video[0] if len(args.video) == 1 else args.video
+        try:
+            frames, stamps, duration = data.load_video(src, args.num_frames, min_px,
+                                                       args.max_pixels or max(min_px, cfg.max_pixels // 4))
+        except data.DataError as e:
+            raise SampleError(f"{e}; --video takes a folder of frame images, an animated GIF/WebP, "
+                              f"or frame files") from None
+        video_text = data.video_prompt(stamps, duration)
+        first = to_pil(frames[0]) if first is None else first
+        images.extend(frames)
+
+    question = args.prompt or default_question(len(args.image), args.video, template)
+    msgs = build_messages(question, len(args.image), video_text, template, system)
+    prompt = data.build_prompt(enc, msgs, images)
+    L = len(prompt["input_ids"])
+    if L >= cfg.max_seq_len:
+        raise SampleError(f"the prompt with its images is {L} tokens, over the model's context of {cfg.max_seq_len}: "
+                          f"lower --max_pixels, pass fewer images or --num_frames, or shorten --prompt")
+    print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, template {template}, prompt {L} tokens, "
+          f"{device} {str(dtype)[6:]}", file=sys.stderr)
+    x = torch.tensor([prompt["input_ids"]], device=device)
+    imgs = [im.to(device) for im in prompt["images"]]
+
+    # --show_attention: the last layers keep their attention maps; after every step we read the row of the
+    # query that produced the new token, at the first image's visual tokens
+    maps, layers = [], (list(model.pre_buffer) + list(model.post_llm))[-ATTN_LAYERS:]
+    if args.show_attention:
+        for blk in layers:
+            blk.self_attn.keep_attn = True
+        cfg.attn = "sdpa"  # a dense bool mask: FlexAttention's BlockMask cannot give the attention matrix
+        grid = (images[0].shape[1] // cfg.token_px, images[0].shape[2] // cfg.token_px)
+        pos = (x[0] == cfg.img_context_id).nonzero()[:grid[0] * grid[1], 0]  # the first span, row-major
+
+    def record(stream):
+        for tok in stream:
+            if args.show_attention:
+                maps.append(sum(blk.self_attn.last_attn[0, :, -1, pos].mean(0) for blk in layers) / len(layers))
+            yield tok
+
+    stream = model.generate_stream(x, imgs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed)
+    for piece in text_pieces(record(stream), enc):
+        print(piece, end="", flush=True)
+    print(flush=True)
+    if args.show_attention:
+        heatmap(torch.stack(maps).mean(0), grid, first, args.show_attention)
+        print(f"wrote {args.show_attention}: attention of {len(maps)} answer tokens to the {len(pos)} visual tokens "
+              f"of the first image (mean over heads and the last {len(layers)} layers)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SampleError as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
