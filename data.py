@@ -1,7 +1,8 @@
 """
 Data for nano-NEO: everything between files on disk and the tensors the model eats (../shared/DESIGN.md §1, §2, §6).
 
-- tokenizers on tiktoken, offline: "bytes" (the toy's 262 ids) or a Qwen3 / released NEO checkpoint folder
+- tokenizers on tiktoken, offline: "shapes" (the toy: bytes + one token per ShapesWorld word), "bytes", or a
+  Qwen3 / released NEO checkpoint folder
 - images at native resolution (smart resize to multiples of 32 px, ImageNet normalisation) and video frames
 - conversations -> samples (chat template, image spans, labels on assistant turns) -> packed rows
 - ShapesWorld: a built-in procedural world of coloured shapes that the toy model learns in minutes on a CPU,
@@ -49,15 +50,53 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
+# Every word ShapesWorld says, and the chat roles. The "shapes" tokenizer makes each one token (alone and after a
+# space), so a toy question costs ~8 tokens instead of ~30 bytes: about 2.5x more samples per CPU-second.
+TOY_WORDS = ("A Describe FPS How I In Is The There What Which a above and appear are assistant at below big bigger "
+             "blue bottom box cat changed circle color cup does dog down first following frame frames from goes green "
+             "has hat image is left many map more move of one or pen position range red right sampled second see "
+             "series shape shapes size small square sun system the there this time to top triangle up user video way "
+             "which word written yellow").split()
+
+
+@lru_cache(maxsize=None)
+def toy_ranks():
+    """Byte-level BPE trained here on TOY_WORDS (a few hundred merges, well under a second): bytes keep ids
+    0..255, the 6 special tokens 256..261, merges 262.. in the order they were learnt (tiktoken's rank = id)."""
+    words = sorted({p + w for w in TOY_WORDS for p in ("", " ")})
+    seqs = [[bytes([b]) for b in w.encode()] for w in words]
+    ranks = {bytes([i]): i for i in range(256)}
+    nxt = 256 + len(SPECIALS)
+    while True:
+        pairs = {}
+        for s in seqs:
+            for p in zip(s, s[1:]):
+                pairs[p] = pairs.get(p, 0) + 1
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent pair; ties broken by bytes: deterministic
+        if a + b not in ranks:
+            ranks[a + b], nxt = nxt, nxt + 1
+        for s in seqs:
+            i = 0
+            while i < len(s) - 1:
+                if s[i] == a and s[i + 1] == b:
+                    s[i:i + 2] = [a + b]
+                i += 1
+    return ranks
+
+
 def get_tokenizer(name_or_path):
-    """'bytes' (toy: 256 byte ids + 6 specials, ids 256..261) or a folder with tokenizer.json / vocab.json."""
-    if name_or_path == "bytes":
-        # tiktoken's named encodings download their files on first use; this one is built in memory
-        return tiktoken.Encoding(name="bytes", pat_str=QWEN_PAT, mergeable_ranks={bytes([i]): i for i in range(256)},
+    """'shapes' (the toy: bytes + one token per ShapesWorld word, specials at ids 256..261), 'bytes' (256 byte
+    ids + the same specials), or a folder with tokenizer.json / vocab.json (Qwen3, released NEO)."""
+    if name_or_path in ("shapes", "bytes"):
+        # tiktoken's named encodings download their files on first use; these are built in memory
+        ranks = toy_ranks() if name_or_path == "shapes" else {bytes([i]): i for i in range(256)}
+        return tiktoken.Encoding(name=name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks,
                                  special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
     if os.path.isdir(str(name_or_path)):
         return folder_tokenizer(str(name_or_path))
-    raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'bytes' (the toy byte-level tokenizer) or a folder "
+    raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'shapes' or 'bytes' (the toy's) or a folder "
                      f"holding tokenizer.json or vocab.json (a Qwen3 or released NEO checkpoint)")
 
 
@@ -356,7 +395,8 @@ def collate(rows, max_seq_len, pad_id):
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 200, 0)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 10, "big": 20}  # half-width in px: 20 and 40 px across, ~2/3 and ~4/3 of a token
+SIZES = {"small": 8, "big": 14}  # half-width in px: 16 and 28 px across, inside one 32-px token cell
+CELL = 32  # = patch_size * downsample: one visual token covers one cell
 BACKGROUND = (245, 245, 245)
 INK = (20, 20, 20)
 SIDES = (64, 96, 128, 160)
@@ -399,22 +439,23 @@ def new_objects(rng, n, distinct_shapes=False, distinct_colors=False):
     return [dict(shape=s, color=c, size=rng.choice(list(SIZES))) for s, c in zip(shapes, colors)]
 
 
-def place(rng, objs, W, H, min_dx=0, tries=60):
-    """Random centres with a >= 4 px gap between bounding boxes (so shapes never touch); False if it fails."""
-    done = []
+def place(rng, objs, W, H, min_dx=0):
+    """Put each object at the centre of its own random 32-px cell of the token grid; False if they do not fit.
+    Toy simplification (a deviation from natural images): one object per visual token, so a few-M-parameter
+    model learns the world in minutes; relations between objects become relations between tokens, which is
+    exactly what Native-RoPE's (h, w) indices and the mixed mask are for. min_dx > 0: distinct columns."""
+    cells = [(cx, cy) for cy in range(H // CELL) for cx in range(W // CELL)]
+    rng.shuffle(cells)
+    used_cols = set()
     for o in objs:
-        r = SIZES[o["size"]]
-        if 2 * r + 4 > min(W, H):
-            return False
-        for _ in range(tries):
-            x, y = rng.randint(r + 2, W - r - 3), rng.randint(r + 2, H - r - 3)
-            if all(max(abs(x - p["x"]), abs(y - p["y"])) >= r + SIZES[p["size"]] + 4 and abs(x - p["x"]) >= min_dx
-                   for p in done):
-                o["x"], o["y"] = x, y
-                done.append(o)
+        for k, (cx, cy) in enumerate(cells):
+            if not (min_dx and cx in used_cols):
                 break
         else:
             return False
+        cells.pop(k)
+        used_cols.add(cx)
+        o["x"], o["y"] = cx * CELL + CELL // 2, cy * CELL + CELL // 2
     return True
 
 
@@ -545,13 +586,12 @@ def gen_multi_change(rng):
 
 
 def gen_video_dir(rng):
-    n, S, obj = rng.randint(4, 6), 96, new_objects(rng, 1)[0]  # square frames: the aspect gives nothing away
-    r, d = SIZES[obj["size"]], rng.choice(DIRS)
-    lo, hi, other = r + 2, S - r - 3, rng.randint(r + 2, S - r - 3)
+    n, obj = rng.randint(3, 4), new_objects(rng, 1)[0]  # n square frames of n x n cells: aspect gives nothing away
+    S, d = n * CELL, rng.choice(DIRS)
+    other = rng.randrange(n) * CELL + CELL // 2
     frames = []
-    for i in range(n):
-        p = lo + (hi - lo) * i // (n - 1)
-        p = p if d in ("right", "down") else lo + hi - p
+    for i in range(n):  # one cell further each frame
+        p = (i if d in ("right", "down") else n - 1 - i) * CELL + CELL // 2
         frames.append(draw(S, S, [dict(obj, x=p, y=other) if d in ("left", "right") else dict(obj, x=other, y=p)]))
     return frames, [(video_prompt(list(range(n)), n) + "Which way does the shape move?", d)]
 
@@ -563,15 +603,34 @@ def gen_video_appear(rng):
     return frames, [(video_prompt([0, 1, 2, 3], 4) + "In which frame does the shape appear?", str(k))]
 
 
+def scene_questions(objs):
+    """Every question about one scene that has a single right answer, grouped by kind: {kind: [(q, a)]}."""
+    shapes, colors = [o["shape"] for o in objs], [o["color"] for o in objs]
+    named = [o for o in objs if shapes.count(o["shape"]) == 1]  # "the circle" must name one object
+    qa = {"count": [("How many shapes are there?", str(len(objs)))], "caption": [("Describe the image.", caption_of(objs))],
+          "color": [(f"What color is the {o['shape']}?", o["color"]) for o in named],
+          "shape": [(f"What shape is the {o['color']} one?", o["shape"]) for o in objs if colors.count(o["color"]) == 1],
+          "spatial": [], "size": []}
+    for a in named:
+        for b in named:
+            if a is b:
+                continue
+            for axis, k in (("lr", "x"), ("ab", "y")):
+                if abs(a[k] - b[k]) >= 16:  # the same clear gap gen_spatial asks for
+                    qa["spatial"].append(spatial_qa(a, b, axis))
+            if a["size"] != b["size"]:
+                big = a if a["size"] == "big" else b
+                qa["size"].append((f"Which is bigger, the {a['shape']} or the {b['shape']}?", big["shape"]))
+    return {k: v for k, v in qa.items() if v}
+
+
 def gen_multi_turn(rng):
-    """sft: two or three questions about one scene, in one conversation."""
-    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True, distinct_colors=True)
+    """Three to five questions of different kinds about one scene, in one conversation. Many answers per
+    image and per prompt token: the toy's cheapest source of visual supervision (midtrain and sft)."""
+    objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, min_dx=8)
-    a, b = rng.sample(objs, 2)
-    qa = [(f"What color is the {a['shape']}?", a["color"]), (f"What shape is the {b['color']} one?", b["shape"]),
-          ("How many shapes are there?", str(len(objs))), spatial_qa(a, b, rng.choice(("lr", "ab"))),
-          ("Describe the image.", caption_of(objs))]
-    turns = rng.sample(qa, rng.randint(2, 3))
+    qa = scene_questions(objs)
+    turns = [rng.choice(qa[k]) for k in rng.sample(sorted(qa), min(len(qa), rng.randint(3, 5)))]
     return [draw(W, H, objs)], [("<image>" + turns[0][0], turns[0][1])] + turns[1:]
 
 
@@ -629,7 +688,7 @@ class ShapesWorld:
     def __init__(self, stage="midtrain", split="train", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, seed=0):
         assert stage in MIXES, f"stage must be one of {', '.join(MIXES)}, got {stage!r}"
         assert split in ("train", "val"), f"split must be train or val, got {split!r}"
-        self.stage, self.split, self.enc = stage, split, enc or get_tokenizer("bytes")
+        self.stage, self.split, self.enc = stage, split, enc or get_tokenizer("shapes")
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.seed = VAL_SEED if split == "val" else seed
         self.families, self.weights = zip(*MIXES[stage].items())
@@ -686,7 +745,7 @@ class JSONLDataset:
 
     def __init__(self, spec, image_root="", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, stage="sft",
                  video_frames=8, video_max_pixels=None, seed=0):
-        self.root, self.enc, self.stage = image_root, enc or get_tokenizer("bytes"), stage
+        self.root, self.enc, self.stage = image_root, enc or get_tokenizer("shapes"), stage
         self.min_pixels, self.max_pixels, self.video_frames = min_pixels, max_pixels, video_frames
         # per-frame budget: a quarter of an image's, so 8 frames cost about two images
         self.video_max_pixels = video_max_pixels or max(min_pixels, max_pixels // 4)
@@ -871,7 +930,7 @@ def main(out="shapes_examples", n=1):
                     x += im.width + 8
                 sheet.save(os.path.join(out, f"{f}_{i}.png"))
             n_tok = len(w.encode(ex)["input_ids"])
-            lines.append(f"## {f}_{i} ({n_tok} tokens with the bytes tokenizer)\n" +
+            lines.append(f"## {f}_{i} ({n_tok} tokens with the toy tokenizer)\n" +
                          "\n".join(f"Q: {q}\nA: {a}" for q, a in ex["turns"]))
     with open(os.path.join(out, "prompts.txt"), "w") as fh:
         fh.write("\n\n".join(lines) + "\n")

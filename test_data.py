@@ -20,6 +20,7 @@ from PIL import Image
 
 import data
 from data import IGNORE_INDEX, DataError
+from neo import NEOConfig
 
 TEXTS = ["hello world", "naïve café — déjà vu", "emoji 🤖🎉 ok", "中文字符和日本語のテキスト",
          "def f(x):\n    return x**2  # code\n\tindent", "  spaces   and\n\nnewlines  "]
@@ -38,6 +39,22 @@ def test_bytes_tokenizer():
         assert enc.decode(enc.encode(t)) == t and len(enc.encode(t)) == len(t.encode())
     assert enc.encode("<img>", allowed_special="all") == [259]
     assert len(enc.encode("<img>", disallowed_special=())) == 5
+
+
+def test_shapes_tokenizer():
+    """The toy default: the bytes tokenizer's specials, one token per ShapesWorld word (alone and after a space),
+    still lossless on any text, and it fits the toy model's vocabulary."""
+    enc = data.get_tokenizer("shapes")
+    assert data.special_ids(enc) == data.special_ids(data.get_tokenizer("bytes"))
+    for w in data.TOY_WORDS:
+        assert len(enc.encode(w)) == 1 and len(enc.encode(" " + w)) == 1, w
+    for t in TEXTS:
+        assert enc.decode(enc.encode(t)) == t
+    q = "What color is the circle?"
+    assert len(enc.encode(q)) == 6 and len(data.get_tokenizer("bytes").encode(q)) == len(q)
+    assert enc.n_vocab <= NEOConfig.preset("toy").vocab_size
+    sample = data.ShapesWorld("midtrain", enc=enc)[0]  # every id a ShapesWorld sample uses is a real token
+    assert max(sample["input_ids"]) < enc.n_vocab
 
 
 def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False):
@@ -349,12 +366,12 @@ def test_stage_mixtures_and_eval():
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
     assert set(fams["midtrain"]) == set(data.FAMILIES)
     assert "multi_turn" in fams["sft"]
-    val = data.ShapesWorld(split="val")
+    val = data.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)
     assert len(prompts) == 3 * len(data.FAMILIES)
     tail = [257] + enc.encode("assistant\n")
     assert all(p["input_ids"][-len(tail):] == tail for p in prompts)
-    again = data.ShapesWorld(split="val", seed=123).eval_prompts(3)  # the held-out split ignores the seed
+    again = data.ShapesWorld(split="val", enc=enc, seed=123).eval_prompts(3)  # the held-out split ignores the seed
     assert [p["input_ids"] for p in again] == [p["input_ids"] for p in prompts]
     acc = data.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
     assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(data.FAMILIES)
@@ -446,9 +463,9 @@ def test_loader_determinism_resume_and_sharding():
 def test_too_long_skipped_with_warning():
     """Samples longer than max_seq_len are skipped, counted, and reported with the count."""
     w = data.ShapesWorld("midtrain")
-    loader = data.PackedLoader(w, batch_size=1, max_seq_len=100, seed=0)
-    with pytest.warns(UserWarning, match=r"skipped \d+ samples longer than max_seq_len=100"):
+    loader = data.PackedLoader(w, batch_size=1, max_seq_len=60, seed=0)
+    with pytest.warns(UserWarning, match=r"skipped \d+ samples longer than max_seq_len=60"):
         b = batches(loader, 3)
     assert loader.too_long > 0 and loader.skipped == loader.too_long
-    assert all((x["doc_ids"] >= 0).sum() <= 100 for x in b)
+    assert all((x["doc_ids"] >= 0).sum() <= 60 for x in b)
     assert loader.state_dict()["too_long"] == loader.too_long
