@@ -34,7 +34,7 @@ IGNORE_INDEX = -100  # the one "no loss here" value, in targets everywhere
 @dataclass
 class NEOConfig:
     # language model (Qwen3 names in comments)
-    vocab_size: int = 264            # bytes tokenizer: 262 ids, padded up to a multiple of 8
+    vocab_size: int = 576            # the toy "shapes" tokenizer (data.py): 545 ids, padded to a multiple of 64
     d_model: int = 256               # hidden_size
     n_layer: int = 4                 # Post-LLM layers: the pretrained LLM's own
     n_pre_layers: int = 2            # Pre-Buffer layers: new, in front of the LLM
@@ -546,7 +546,9 @@ class NEO(nn.Module):
             seq = input_ids
             logits, _ = self(seq, images, last_only=True)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):
+            logits[:, -1, no_img] = float("-inf")  # never emit an image span: there is no image to put in it
             nxt = sample_next(logits[:, -1], temperature, top_k, gen)  # (B,)
             yield int(nxt[0]) if B == 1 else nxt
             if eos_id is not None:
@@ -780,32 +782,43 @@ def _copy_strict(model, tensors, names, path):
 
 
 def draw_example(path="mask.png"):
-    from PIL import Image, ImageDraw
+    """Teaching picture: the (t, h, w) index of every token and the mixed mask (row i may attend to column j)
+    for text, a 2x2-token image, text, a 1x2-token image, and a two-frame video with timestamps."""
+    from PIL import Image, ImageDraw, ImageFont
     cfg = NEOConfig()
     S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
-    # text, a 2x2-token image, text, a 1x2 image, then a two-frame video (1x2-token frames) with timestamps
     toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
            ["<img>"] + ["v"] * 2 + ["</img>", "[1s]", "<img>"] + ["v"] * 2 + ["</img>", "C"]
     ids = torch.tensor([[{"<img>": S, "</img>": E, "v": V}.get(t, 65) for t in toks]])
     pos, img_id = build_positions(ids, [(2, 2), (1, 2), (1, 2), (1, 2)], cfg)
     m = build_attention_mask(torch.zeros_like(ids), img_id)[0, 0]
-    L, c, top = len(toks), 22, 90
-    im = Image.new("RGB", (top + L * c + 10, top + L * c + 10), "white")
+    L, c, left, top = len(toks), 28, 120, 120
+    font = ImageFont.load_default(size=12)
+    im = Image.new("RGB", (left + L * c + 20, top + L * c + 70), "white")
     d = ImageDraw.Draw(im)
     colors = [(230, 120, 120), (120, 170, 230), (120, 200, 140), (220, 190, 90)]
+    names = ["image 1 (2x2 tokens)", "image 2 (1x2)", "video frame 0 (1x2)", "video frame 1 (1x2)"]
+    for k, label in enumerate(("token", "t", "h", "w")):
+        d.text((left - 50, 8 + 26 * k), label, fill="black", font=font)
     for i in range(L):
-        fill = colors[int(img_id[0, i])] if img_id[0, i] >= 0 else (200, 200, 200)
-        d.text((top + i * c + 2, 2), toks[i][:5], fill="black")
-        d.text((top + i * c + 4, 22), f"t{int(pos[0, 0, i])}", fill="black")
-        d.text((top + i * c + 4, 40), f"h{int(pos[1, 0, i])}", fill="black")
-        d.text((top + i * c + 4, 58), f"w{int(pos[2, 0, i])}", fill="black")
-        d.text((2, top + i * c + 5), f"{toks[i][:6]} t{int(pos[0, 0, i])}", fill="black")
+        name = "img" if toks[i] == "<img>" else "/img" if toks[i] == "</img>" else toks[i]
+        col = colors[int(img_id[0, i])] if img_id[0, i] >= 0 else "black"
+        for k, text in enumerate((name, *(str(int(pos[a, 0, i])) for a in range(3)))):
+            d.text((left + i * c + c // 2, 14 + 26 * k), text, fill=col, font=font, anchor="mm")
+        d.text((8, top + i * c + c // 2), f"{name:>5}  t={int(pos[0, 0, i])}", fill=col, font=font, anchor="lm")
         for j in range(L):
             if m[i, j]:
-                d.rectangle([top + j * c, top + i * c, top + j * c + c - 2, top + i * c + c - 2],
-                            fill=fill if img_id[0, i] >= 0 and img_id[0, i] == img_id[0, j] else (90, 90, 90))
+                same = img_id[0, i] >= 0 and img_id[0, i] == img_id[0, j]
+                d.rectangle([left + j * c, top + i * c, left + j * c + c - 3, top + i * c + c - 3],
+                            fill=colors[int(img_id[0, i])] if same else (110, 110, 110))
+    y = top + L * c + 12
+    d.text((8, y), "grey: causal (j <= i).  colour: bidirectional inside one image or frame (j > i allowed).",
+           fill="black", font=font)
+    for k, name in enumerate(names):
+        d.rectangle([8 + 190 * k, y + 24, 22 + 190 * k, y + 38], fill=colors[k])
+        d.text((28 + 190 * k, y + 24), name, fill="black", font=font)
     im.save(path)
-    print(f"wrote {path}: rows attend to columns; coloured blocks are bidirectional image/frame units")
+    print(f"wrote {path}: row i attends to column j where filled; each image/frame uses one t, (h, w) = its grid")
 
 
 if __name__ == "__main__":
