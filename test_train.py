@@ -173,3 +173,22 @@ def test_bench_runs():
     """--bench=True prints tokens/s and the achieved fraction of the measured peak."""
     p = run(TINY[:-3] + ["--bench=True"])
     assert "tok/s" in p.stdout and "GFLOP/s" in p.stdout
+
+
+def test_ablation_table(tmp_path):
+    """--ablate=True: one llm stage, then every ABLATIONS row from it with its switches applied, and a table
+    with a row per setting plus the blind row, one column per family."""
+    out = tmp_path / "abl"
+    args = [a for a in TINY if not a.startswith("--eval_samples")]
+    run(args + ["--ablate=True", "--max_iters=1", "--eval_samples=1", f"--out_dir={out}"])
+    info = json.load(open(out / "ablation" / "ablation.json"))
+    names = [r["name"] for r in info["rows"]]
+    assert names == [a[0] for a in train.ABLATIONS] + ["blind (NEO, images = noise)"]
+    for i, (_, over, _) in enumerate(train.ABLATIONS):  # each row's model really had its switches
+        cfg = json.load(open(out / "ablation" / f"run{i}" / "final" / "config.json"))
+        llm, ours = cfg["llm_config"], cfg["nano_neo"]
+        want = {"rope": "native", "mask": "mixed", "rope_theta_hw": 1e4, "n_pre_layers": 1, **over}
+        assert (ours["rope"], ours["mask"], llm["rope_theta_hw"], llm["extra_num_layers"]) == \
+            (want["rope"], want["mask"], want["rope_theta_hw"], want["n_pre_layers"]), (i, cfg)
+    md = open(out / "ablation" / "ablation.md").read().splitlines()
+    assert len(md) == 2 + len(names) and md[0].count("|") == len(info["rows"][0]["accuracy"]) + 4

@@ -6,6 +6,7 @@ One flat file: config, setup, data, then one training loop that every stage runs
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
     python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
+    python train.py --ablate=True --iters_scale=0.5   # Native-RoPE / mixed mask / Pre-Buffer ablation table
     python train.py my_config.py --learning_rate=1e-3 # a config file first, then overrides
     torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --model=neo-2b \\
         --init_from=/path/Qwen3-1.7B-Base --data=ann.jsonl --image_root=/path/images
@@ -47,7 +48,7 @@ class TrainConfig:
     # data
     data: str = "shapes"          # 'shapes' = the built-in ShapesWorld, else a LLaVA/NEO JSON/JSONL file
     image_root: str = ""          # folder the JSONL's image paths are relative to
-    tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'bytes' (toy)
+    tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'shapes' (toy)
     num_workers: int = 0          # loader worker processes
     # model shape and the ablation switches of issue 6; -1 = the preset's value
     d_model: int = -1
@@ -72,8 +73,8 @@ class TrainConfig:
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
     grad_clip: float = 1.0
     batch_size: int = 16          # packed rows per micro-step per process
-    max_seq_len: int = 384        # tokens per packed row (ShapesWorld samples are 50-320 tokens; longer rows
-    #                               cost more attention per token on a CPU)
+    max_seq_len: int = 192        # tokens per packed row (ShapesWorld samples are 20-180 tokens; a row's
+    #                               attention is dense, so longer rows cost more per token on a CPU)
     grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
     # system
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
@@ -90,8 +91,10 @@ class TrainConfig:
     eval_samples: int = 40        # held-out prompts per task family in the end-of-stage evaluation
     eval_batch: int = 64          # prompts generated together
     blind: bool = True            # after the last stage, also evaluate with images replaced by noise
+    eval_every_stage: bool = True # False: evaluate only after the last stage (the ablation's setting)
     resume: bool = False          # continue from out_dir/ckpt.pt (same config)
     bench: bool = False           # measure tokens/s and FLOP/s on the toy, then exit
+    ablate: bool = False          # the design-choice ablation of issue 6 (see ABLATIONS), then exit
     kill_at: int = 0              # tests: stop dead right after this step, as a crash would (0 = never)
 
 
@@ -105,10 +108,10 @@ FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpoint
 # not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves.
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
-    "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 20)),
-    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 40)),
-    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 10, 200)),
-    "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 20)),
+    "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 40)),
+    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 60)),
+    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 460)),
+    "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 40)),
 }
 ORDER = ["llm", "pretrain", "midtrain", "sft"]
 
@@ -286,7 +289,7 @@ def resolve_tokenizer(cfg, init):
             return open(os.path.join(d, "tokenizer.txt")).read().strip()
         if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
             return d
-    return "bytes"
+    return "shapes"
 
 
 def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
@@ -394,7 +397,7 @@ def load_full_state(model, opt, msd, osd, fsdp):
 
 def save_stage_folder(model, tok_name, path, qwen3=False):
     (model.save_qwen3 if qwen3 else model.save_pretrained)(path)
-    if not os.path.isdir(tok_name):  # a named tokenizer ('bytes'): record the name; folders are copied
+    if not os.path.isdir(tok_name):  # a named tokenizer ("shapes"): record the name; folders are copied
         with open(os.path.join(path, "tokenizer.txt"), "w") as f:
             f.write(tok_name + "\n")
     else:
@@ -613,14 +616,15 @@ def run_stage(cfg, stage, init, env, state):
     if master:
         save_stage_folder(raw_model, tok, folder, qwen3=stage == "llm")
         print0(f"[{stage}] saved {folder}/ ({time.perf_counter() - t_stage:.0f} s)")
-        if cfg.data == "shapes" and cfg.eval_samples > 0:
+        last = stage == state["last_stage"]
+        if cfg.data == "shapes" and cfg.eval_samples > 0 and (cfg.eval_every_stage or last):
             t0 = time.perf_counter()
             # what each stage taught: llm the text family, pretrain captions; then every family
             families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
             acc = evaluate(raw_model, enc, cfg, device, ctx if not cfg.fsdp else nullcontext(), families=families)
             entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
-            if cfg.blind and stage == state["last_stage"]:
+            if cfg.blind and last:
                 entry["blind_accuracy"] = evaluate(raw_model, enc, cfg, device, ctx, blind=True, families=families)
             state["evals"].append(entry)
             print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
@@ -647,7 +651,7 @@ def bench(cfg, env):
     model.grad_checkpointing = cfg.grad_checkpointing
     set_trainable(model, "midtrain")
     opt = model.configure_optimizers(cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    enc = data.get_tokenizer(cfg.tokenizer or "bytes")
+    enc = data.get_tokenizer(cfg.tokenizer or "shapes")
     it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
     batches = [to_device(next(it), device) for _ in range(4)]
     fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
@@ -680,6 +684,64 @@ def bench(cfg, env):
 
 
 # -----------------------------------------------------------------------------
+# Ablation: the paper's Table 3 design choices, each on the same toy budget and seed
+
+# (name, overrides, the paper's 10-benchmark average for that row (Table 3; None: not in the table))
+ABLATIONS = [
+    ("NEO: Native-RoPE + mixed mask", {}, 44.0),
+    ("Native-RoPE + causal mask", {"mask": "causal"}, 40.3),
+    ("1D-RoPE + mixed mask", {"rope": "1d"}, 39.8),
+    ("1D-RoPE + causal mask", {"rope": "1d", "mask": "causal"}, 39.1),
+    ("Native-RoPE, H/W base 1e6", {"rope_theta_hw": 1e6}, 42.0),
+    ("no Pre-Buffer (0 layers)", {"n_pre_layers": 0}, None),
+]
+
+
+def ablate(cfg, argv):
+    """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
+    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
+    Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
+    root = os.path.join(cfg.out_dir, "ablation")
+    keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
+                                                 "--eval_every_stage="))]
+    t0 = time.perf_counter()
+    main(keep + [f"--out_dir={root}/llm", "--stage=llm", "--blind=False"])
+    rows, blind = [], None
+    for i, (name, over, paper) in enumerate(ABLATIONS):
+        print0(f"\n===== ablation {i + 1}/{len(ABLATIONS)}: {name}")
+        t1 = time.perf_counter()
+        st = main(keep + [f"--out_dir={root}/run{i}", f"--init_from={root}/llm/llm", f"--blind={i == 0}",
+                          "--eval_every_stage=False"] +
+                  [f"--{k}={v}" for k, v in over.items()])
+        last = st["evals"][-1]
+        rows.append(dict(name=name, overrides=over, paper=paper, accuracy=last["accuracy"],
+                         minutes=round((time.perf_counter() - t1) / 60, 1)))
+        if "blind_accuracy" in last:
+            blind = dict(name="blind (NEO, images = noise)", overrides={}, paper=None,
+                         accuracy=last["blind_accuracy"], minutes=0)
+    if blind:
+        rows.append(blind)
+    fams = [f for f in data.FAMILIES if f in rows[0]["accuracy"]]
+    vis = [f for f in fams if f != "text"]
+    for r in rows:
+        r["mean_visual"] = sum(r["accuracy"][f] for f in vis) / len(vis)
+    head = "| setting | " + " | ".join(fams) + " | mean (visual) | paper Table 3 avg |"
+    lines = [head, "|" + "---|" * (len(fams) + 3)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * r['accuracy'][f]:.0f}" for f in fams) +
+                     f" | {100 * r['mean_visual']:.1f} | {r['paper'] if r['paper'] is not None else '-'} |")
+    md = "\n".join(lines) + "\n"
+    info = dict(command="python train.py " + " ".join(argv), minutes=round((time.perf_counter() - t0) / 60, 1),
+                threads=torch.get_num_threads(), rows=rows)
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write(md)
+    print0("\n" + md + f"({info['minutes']} min; {root}/ablation.md, ablation.json)")
+    return info
+
+
+# -----------------------------------------------------------------------------
 # Main: the stages in order
 
 
@@ -702,6 +764,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if cfg.bench:
         return bench(cfg, env)
+    if cfg.ablate:
+        return ablate(cfg, sys.argv[1:] if argv is None else argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     stages = ORDER if cfg.stage == "all" else [cfg.stage]
     if cfg.stage == "all" and (cfg.init_from or cfg.model != "toy"):
