@@ -110,7 +110,7 @@ STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
     "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 40)),
     "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 60)),
-    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 460)),
+    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 380)),
     "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 40)),
 }
 ORDER = ["llm", "pretrain", "midtrain", "sft"]
