@@ -746,8 +746,14 @@ def ablate(cfg, argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nkeys (--key=value) and their toy defaults:")
+        for f in fields(TrainConfig):
+            print(f"  --{f.name}={getattr(TrainConfig, f.name)}")
+        return None
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(argv)
     except ConfigError as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(2)
@@ -765,7 +771,7 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg, env)
     if cfg.ablate:
-        return ablate(cfg, sys.argv[1:] if argv is None else argv)
+        return ablate(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     stages = ORDER if cfg.stage == "all" else [cfg.stage]
     if cfg.stage == "all" and (cfg.init_from or cfg.model != "toy"):
