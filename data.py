@@ -422,12 +422,14 @@ FAMILIES = {
 }
 CHANCE = {f: c for f, (_, c) in FAMILIES.items()}
 IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "size", "read")
-# stage mixtures (relative weights); midtrain follows NEO-ov's text:image:multi-image:video = 2:4:1:1
+# stage mixtures (relative weights); midtrain follows NEO-ov's text:image:multi-image:video = 2:4:1:1, its
+# image half being conversations about one scene (multi_turn: 3-5 answers per image, the most supervision
+# per token) and single questions of every family
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
-    "midtrain": {"text": 2, **{f: 4 / 7 for f in IMAGE_FAMILIES}, "multi_count": 0.5, "multi_change": 0.5,
-                 "video_dir": 0.5, "video_appear": 0.5},
+    "midtrain": {"text": 2, "multi_turn": 2, **{f: 2 / 7 for f in IMAGE_FAMILIES}, "multi_count": 0.5,
+                 "multi_change": 0.5, "video_dir": 0.5, "video_appear": 0.5},
     "sft": {"text": 1, "multi_turn": 2, **{f: 3 / 7 for f in IMAGE_FAMILIES}, "multi_count": 0.5,
             "multi_change": 0.5, "video_dir": 0.5, "video_appear": 0.5},
 }

@@ -519,12 +519,18 @@ class NEO(nn.Module):
         qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
         return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps=1e-8):
-        """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in params)
+    def configure_optimizers(self, weight_decay, learning_rate, betas, vision_lr_scale=1.0, eps=1e-8):
+        """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors). The patch
+        embedding's groups carry lr_scale (train.py multiplies the scheduled LR by it; see its vision_lr_scale)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = []
+        for is_vision in (False, True):
+            ps = [p for n, p in named if n.startswith("vision.") == is_vision]
+            scale = vision_lr_scale if is_vision else 1.0
+            groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                       {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+        groups = [g for g in groups if g["params"]]
+        fused = all(p.is_cuda for _, p in named)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     # ---- generation

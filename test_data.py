@@ -358,13 +358,13 @@ def test_answer_balance():
 
 
 def test_stage_mixtures_and_eval():
-    """llm is text only, pretrain mostly captions, midtrain every family; held-out prompts end in the
+    """llm is text only, pretrain mostly captions, midtrain every family and conversations; held-out prompts end in the
     assistant header and score() gives per-family exact match."""
     enc = data.get_tokenizer("bytes")
     fams = {s: Counter(data.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in data.MIXES}
     assert set(fams["llm"]) == {"text"}
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
-    assert set(fams["midtrain"]) == set(data.FAMILIES)
+    assert set(fams["midtrain"]) == set(data.FAMILIES) | {"multi_turn"}
     assert "multi_turn" in fams["sft"]
     val = data.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)

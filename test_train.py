@@ -128,6 +128,19 @@ def test_stage_changes_exactly_its_parameters(tmp_path, neo_folder, stage):
         assert "post_llm.0.self_attn.q_proj_hw.weight" in want and "vision.patch_embedding.weight" in want
 
 
+def test_vision_lr_scale(tmp_path, neo_folder):
+    """The patch embedding's LR is the scheduled LR times vision_lr_scale (0.1 for the toy): at 0 it stays put
+    while everything else trains; the toy default is 0.1, full-scale presets 1."""
+    out = str(tmp_path / "o")
+    run(TINY + ["--stage=midtrain", "--max_iters=2", "--vision_lr_scale=0", f"--init_from={neo_folder}",
+                f"--out_dir={out}"])
+    before = dict(NEO.from_pretrained(neo_folder).named_parameters())
+    after = dict(NEO.from_pretrained(os.path.join(out, "midtrain")).named_parameters())
+    vision = {k for k in before if k.startswith("vision.")}
+    assert len(vision) == 4 and changed(before, after) == set(before) - vision
+    assert train.vision_lr_scale(train.parse_config([])) == 0.1
+    assert train.vision_lr_scale(train.parse_config(["--model=neo-2b"])) == 1.0
+
 def test_llm_then_pretrain_hand_over(tmp_path):
     """llm saves a Qwen3 folder; pretrain starts from it with a fresh Pre-Buffer and leaves the LLM as it was."""
     out = str(tmp_path / "o")
