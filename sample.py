@@ -28,8 +28,10 @@ from PIL import Image
 import data
 from neo import NEO
 
-# The system turn of the authors' chat code. NOTE: taken to be Qwen's default; check it against the
-# released chat code (modeling_neo_chat.py) before quoting benchmark numbers. --system overrides it.
+# The system turn of the authors' chat code. Their modeling_neo_chat.py (read) puts "<image>\n" before the
+# question, expands it to <img> + n x <IMG_CONTEXT> + </img>, stops at the template's separator, and takes
+# the system text from a conversation template (conversation.py) whose text we could not read. NOTE: taken
+# to be Qwen's default; check it against that file before quoting benchmark numbers. --system overrides it.
 NEO_SYSTEM = "You are a helpful assistant."
 ATTN_LAYERS = 4  # --show_attention averages over the last this-many layers (all heads)
 
