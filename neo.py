@@ -15,11 +15,8 @@ The math follows ../shared/DESIGN.md and reproduces the authors' logits (test_ne
 
     python neo.py    # draws the (t, h, w) indices and the attention mask of an example to mask.png
 """
-import json
 import math
-import os
-import re
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -398,7 +395,7 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
-_HW = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
+HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 
 
 class NEO(nn.Module):
@@ -576,92 +573,24 @@ class NEO(nn.Module):
                 self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache)]
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    # ---- checkpoints: the authors' layout (DESIGN.md §7)
-
-    def ckpt_names(self, layout="neo"):
-        """our parameter name -> its name in a released NEO checkpoint, or in a Qwen3 checkpoint (which
-        holds only the Post-LLM's text weights). A tied lm_head is not stored (safetensors drops it)."""
-        out, n_pre = {}, self.cfg.n_pre_layers
-        for k in self.state_dict():
-            m = re.match(r"(pre_buffer|post_llm)\.(\d+)\.(.*)", k)
-            if k == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            if layout == "qwen3":
-                if m and m[1] == "post_llm" and not any(f".{h}." in k for h in _HW):
-                    out[k] = f"model.layers.{m[2]}.{m[3]}"
-                elif k in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
-                    out[k] = k if k == "lm_head.weight" else "model." + k
-            elif m:  # one global layer index: the Pre-Buffer first, then the LLM's layers
-                out[k] = f"language_model.model.layers.{int(m[2]) + (n_pre if m[1] == 'post_llm' else 0)}.{m[3]}"
-            elif k.startswith("vision."):
-                out[k] = "vision_model.embeddings." + k[len("vision."):]
-            else:
-                out[k] = ("language_model." if k == "lm_head.weight" else "language_model.model.") + k
-        return out
+    # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
 
     def hf_state_dict(self, layout="neo"):
-        sd = self.state_dict()
-        return {name: sd[k].detach().cpu().contiguous() for k, name in self.ckpt_names(layout).items()}
+        import checkpoint
+        return checkpoint.hf_state_dict(self, layout)
 
     def save_pretrained(self, out_dir, layout="neo"):
         """config.json + model.safetensors in the authors' layout, so their code could load our weights.
-        layout="qwen3" writes the Post-LLM alone as a Qwen3 checkpoint: the toy 'llm' stage hands its LLM
-        on this way, so pre-training starts exactly as at full scale, from a Qwen3 folder."""
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        cfg = self.cfg
-        hf = to_hf_config(cfg) if layout == "neo" else {
-            "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
-            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_word_embeddings, "nano_neo": asdict(cfg)}
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        tmp = os.path.join(out_dir, "model.safetensors.tmp")
-        save_file(self.hf_state_dict(layout), tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # atomic: never a half-written file
-
-    def save_qwen3(self, out_dir):
-        self.save_pretrained(out_dir, layout="qwen3")
+        layout="qwen3" writes the Post-LLM alone as a Qwen3 checkpoint (the toy 'llm' stage's hand-over)."""
+        import checkpoint
+        checkpoint.save_pretrained(self, out_dir, layout)
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load (a) a released NEO folder, (b) a Qwen3 folder (it becomes the Post-LLM; n_pre_layers new
-        Pre-Buffer layers go in front; H/W projections per DESIGN §5), or (c) our ckpt.pt (a file, or a
-        folder holding one). Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
-                and os.path.exists(os.path.join(path, "ckpt.pt")):
-            path = os.path.join(path, "ckpt.pt")
-        if os.path.isfile(path):  # (c) our training checkpoint: tensors and plain containers only
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                model, tensors = cls(NEOConfig(**{**ckpt["model_config"], **overrides})), ckpt["model"]
-            except Exception as e:
-                raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
-            _copy_strict(model, tensors, {k: k for k in model.state_dict()}, path)
-            return model
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        tensors = _read_safetensors(path)
-        if hf.get("model_type") != "qwen3":  # (a)
-            model = cls(from_hf_config(hf, **overrides))
-            _copy_strict(model, tensors, model.ckpt_names("neo"), path)
-            return model
-        # (b) sizes from the Qwen3 config; vision and NEO sizes from the preset of that LLM, or overrides
-        base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
-                                             "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
-        model = cls(NEOConfig(**{**base, **dict(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
-            head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
-            d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
-            tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides}))
-        _copy_strict(model, tensors, model.ckpt_names("qwen3"), path)  # the rest keeps its fresh init
-        model.init_hw_from_t()
-        return model
+        """A released NEO folder, a Qwen3 folder (it becomes the Post-LLM behind fresh Pre-Buffer layers), or
+        our ckpt.pt. Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+        import checkpoint
+        return checkpoint.load(path, **overrides)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, generator=None):
@@ -680,7 +609,7 @@ def set_trainable(model, stage):
     layer, and the H/W q/k projections and norms of every layer (the released code got this wrong,
     DESIGN §8). midtrain/sft: everything. llm (toy only): the text model alone, without the H/W parts."""
     for name, p in model.named_parameters():
-        hw = any(f".self_attn.{h}." in name for h in _HW)
+        hw = any(f".self_attn.{h}." in name for h in HW_NAMES)
         if stage == "pretrain":
             p.requires_grad = name.startswith(("vision.", "pre_buffer.")) or hw
         elif stage in ("midtrain", "sft"):
@@ -689,98 +618,6 @@ def set_trainable(model, stage):
             p.requires_grad = not (name.startswith(("vision.", "pre_buffer.")) or hw)
         else:
             raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain or sft")
-
-
-# ---- checkpoint name and config mapping
-
-
-def to_hf_config(cfg):
-    """NEOConfig -> config.json in the authors' layout (plus our own fields under 'nano_neo')."""
-    return {
-        "architectures": ["NEOChatModel"], "model_type": "neo_chat", "hidden_size": cfg.d_model,
-        "img_start_token_id": cfg.img_start_id, "img_end_token_id": cfg.img_end_id,
-        "img_context_token_id": cfg.img_context_id, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "llm_config": {
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-            "num_hidden_layers": cfg.n_layer_total, "extra_num_layers": cfg.n_pre_layers,
-            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_theta_hw": cfg.rope_theta_hw,
-            "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "attention_bias": False,
-            "tie_word_embeddings": cfg.tie_word_embeddings},
-        "vision_config": {
-            "model_type": "neo_vision", "hidden_size": cfg.vision_dim, "llm_hidden_size": cfg.d_model,
-            "patch_size": cfg.patch_size, "downsample_ratio": 1.0 / cfg.downsample, "num_channels": 3,
-            "rope_theta_vision": cfg.rope_theta_vision, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
-        "nano_neo": {k: getattr(cfg, k) for k in ("rope", "mask", "max_seq_len")},
-    }
-
-
-def from_hf_config(hf, **overrides):
-    """config.json of a released NEO (or one we saved) -> NEOConfig."""
-    try:
-        llm, vis = hf["llm_config"], hf["vision_config"]
-        n_pre = llm.get("extra_num_layers", 0)
-        kw = dict(
-            vocab_size=llm["vocab_size"], d_model=llm["hidden_size"], n_layer=llm["num_hidden_layers"] - n_pre,
-            n_pre_layers=n_pre, n_head=llm["num_attention_heads"], n_kv_head=llm["num_key_value_heads"],
-            head_dim=llm.get("head_dim", llm["hidden_size"] // llm["num_attention_heads"]),
-            d_mlp=llm["intermediate_size"], rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
-            rope_theta=llm.get("rope_theta", 1e6), rope_theta_hw=llm.get("rope_theta_hw", 1e4),
-            tie_word_embeddings=hf.get("tie_word_embeddings", llm.get("tie_word_embeddings", False)),
-            patch_size=vis.get("patch_size", 16), downsample=round(1 / vis.get("downsample_ratio", 0.5)),
-            vision_dim=vis["hidden_size"], rope_theta_vision=vis.get("rope_theta_vision", 1e4),
-            min_pixels=vis.get("min_pixels", 64 * 64), max_pixels=vis.get("max_pixels", 2048 * 2048),
-            img_start_id=hf["img_start_token_id"], img_context_id=hf["img_context_token_id"],
-            # </img> is not in the authors' config.json; the tokenizer files hold it (data.py reads them)
-            img_end_id=hf.get("img_end_token_id", hf["img_start_token_id"] + 1),
-            max_seq_len=llm.get("max_position_embeddings", 8192),
-        )
-    except KeyError as e:
-        raise ValueError(f"config.json lacks {e}: not a NEO config (need llm_config, vision_config, "
-                         f"img_start_token_id, img_context_token_id)") from None
-    kw.update(hf.get("nano_neo", {}))
-    names = {f.name for f in fields(NEOConfig)}
-    bad = set(overrides) - names
-    if bad:
-        raise ValueError(f"unknown config keys {sorted(bad)}; valid: {sorted(names)}")
-    return NEOConfig(**{**kw, **overrides})
-
-
-def _read_safetensors(path):
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    out = {}
-    for fn in files:
-        try:
-            out.update(load_file(os.path.join(path, fn)))
-        except Exception as e:
-            raise ValueError(f"{os.path.join(path, fn)}: unreadable safetensors file ({e})") from None
-    return out
-
-
-def _copy_strict(model, tensors, names, path):
-    """Copy checkpoint tensors into the model. names: our name -> checkpoint name. Every checkpoint tensor
-    must be wanted, every wanted one present and of the right shape: no silent random init."""
-    missing = sorted(set(names.values()) - set(tensors))
-    unexpected = sorted(set(tensors) - set(names.values()))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
-    own = model.state_dict()
-    with torch.no_grad():
-        for k, name in names.items():
-            if tuple(tensors[name].shape) != tuple(own[k].shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(own[k].shape)}")
-            own[k].copy_(tensors[name])
 
 
 # -----------------------------------------------------------------------------

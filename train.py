@@ -411,7 +411,7 @@ def load_full_state(model, opt, msd, osd, fsdp):
 
 
 def save_stage_folder(model, tok_name, path, qwen3=False):
-    (model.save_qwen3 if qwen3 else model.save_pretrained)(path)
+    model.save_pretrained(path, layout="qwen3" if qwen3 else "neo")
     if not os.path.isdir(tok_name):  # a named tokenizer ("shapes"): record the name; folders are copied
         with open(os.path.join(path, "tokenizer.txt"), "w") as f:
             f.write(tok_name + "\n")
