@@ -344,14 +344,14 @@ def test_answer_balance():
         for i in range(400):
             q, a = w.example(i, fam)["turns"][0]
             by_q.setdefault(template(q), []).append(a)
-            if fam == "size":
+            if fam in ("size", "spatial_pick"):
                 first.append(q.index(a) < q.rindex(" the "))
         for t, got in by_q.items():
             c = Counter(got)
             k = len(c)
             assert k >= 2 and set(c) <= set(answers), (fam, t, c)
             assert min(c.values()) > 0.6 * len(got) / k and max(c.values()) < 1.4 * len(got) / k, (fam, t, c)
-        if fam == "size":
+        if fam in ("size", "spatial_pick"):
             assert 0.4 < sum(first) / len(first) < 0.6
         elif fam != "spatial":  # spatial: the template names two options, chance 1/2
             assert abs(1 / len(Counter(a for v in by_q.values() for a in v)) - chance) < 1e-9, fam
