@@ -389,8 +389,8 @@ def collate(rows, max_seq_len, pad_id):
 
 
 # -----------------------------------------------------------------------------
-# ShapesWorld: the toy's built-in world. Small images (sides 64-160 px, so 4-25 visual tokens), a plain
-# background, 1-4 large solid shapes in 4 very distinct colours, 2 sizes; every question has one short exact
+# ShapesWorld: the toy's built-in world. Small images (sides 64-160 px, so 4-25 visual tokens), a plain grey
+# background, 1-4 large solid outlined shapes in 4 very distinct colours, 2 sizes; every question has one short exact
 # answer, and the answers of each question type are balanced, so a model that cannot see scores at chance.
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 200, 0)}

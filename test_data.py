@@ -301,6 +301,20 @@ def centroid(img):
     return xs.mean(), ys.mean()
 
 
+def test_shapes_background_and_outline():
+    """The background normalises to ~0 (a flat light one was a large constant input to the patch conv), and every
+    shape is outlined in INK around its fill colour, whatever the colour (one contour per shape on the grey)."""
+    blank = data.to_tensor(data.draw(64, 64, []), 64 * 64, 64 * 64)
+    assert blank.abs().max() < 0.05, blank.abs().max()
+    for shape in data.SHAPES:
+        for color in data.COLORS:
+            img = np.asarray(data.draw(64, 64, [dict(shape=shape, color=color, size="big", x=32, y=32)]))
+            assert tuple(img[36, 32]) == data.COLORS[color], (shape, color)  # inside (below centre: triangle)
+            row = img[44]                                         # a row through the lower part of every shape
+            edge = np.nonzero((row != np.array(data.BACKGROUND)).any(-1))[0][0]  # its first non-background pixel
+            assert tuple(row[edge]) == data.INK, (shape, color, tuple(row[edge]))
+
+
 def test_shapes_answers_match_pixels():
     """Counts equal the blobs drawn, colours are present, directions equal the motion, appearance frames
     are the first non-empty ones, multi-image counts compare the blobs."""
