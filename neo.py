@@ -13,7 +13,8 @@ NEO-ov, arXiv 2605.28820). Notable features, each its own piece of code below:
   4. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
 The math follows ../shared/DESIGN.md and reproduces the authors' logits (test_neo.py).
 
-    python neo.py    # draws the (t, h, w) indices and the attention mask of an example to mask.png
+    from neo import NEO; NEO.from_pretrained("out/final")   # used by train.py and sample.py
+    python sample.py --draw_mask mask.png                   # this file's indices and mask, drawn
 """
 import math
 from dataclasses import dataclass
@@ -631,51 +632,3 @@ def set_trainable(model, stage):
             p.requires_grad = not (name.startswith(("vision.", "pre_buffer.")) or hw)
         else:
             raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain or sft")
-
-
-# -----------------------------------------------------------------------------
-# python neo.py: draw the (t, h, w) indices and the mask of an example, for the README
-
-
-def draw_example(path="mask.png"):
-    """Teaching picture: the (t, h, w) index of every token and the mixed mask (row i may attend to column j)
-    for text, a 2x2-token image, text, a 1x2-token image, and a two-frame video with timestamps."""
-    from PIL import Image, ImageDraw, ImageFont
-    cfg = NEOConfig()
-    S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
-    toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
-           ["<img>"] + ["v"] * 2 + ["</img>", "[1s]", "<img>"] + ["v"] * 2 + ["</img>", "C"]
-    ids = torch.tensor([[{"<img>": S, "</img>": E, "v": V}.get(t, 65) for t in toks]])
-    pos, img_id = build_positions(ids, [(2, 2), (1, 2), (1, 2), (1, 2)], cfg)
-    m = build_attention_mask(torch.zeros_like(ids), img_id)[0, 0]
-    L, c, left, top = len(toks), 28, 120, 120
-    font = ImageFont.load_default(size=12)
-    im = Image.new("RGB", (left + L * c + 20, top + L * c + 70), "white")
-    d = ImageDraw.Draw(im)
-    colors = [(230, 120, 120), (120, 170, 230), (120, 200, 140), (220, 190, 90)]
-    names = ["image 1 (2x2 tokens)", "image 2 (1x2)", "video frame 0 (1x2)", "video frame 1 (1x2)"]
-    for k, label in enumerate(("token", "t", "h", "w")):
-        d.text((left - 50, 8 + 26 * k), label, fill="black", font=font)
-    for i in range(L):
-        name = "img" if toks[i] == "<img>" else "/img" if toks[i] == "</img>" else toks[i]
-        col = colors[int(img_id[0, i])] if img_id[0, i] >= 0 else "black"
-        for k, text in enumerate((name, *(str(int(pos[a, 0, i])) for a in range(3)))):
-            d.text((left + i * c + c // 2, 14 + 26 * k), text, fill=col, font=font, anchor="mm")
-        d.text((8, top + i * c + c // 2), f"{name:>5}  t={int(pos[0, 0, i])}", fill=col, font=font, anchor="lm")
-        for j in range(L):
-            if m[i, j]:
-                same = img_id[0, i] >= 0 and img_id[0, i] == img_id[0, j]
-                d.rectangle([left + j * c, top + i * c, left + j * c + c - 3, top + i * c + c - 3],
-                            fill=colors[int(img_id[0, i])] if same else (110, 110, 110))
-    y = top + L * c + 12
-    d.text((8, y), "grey: causal (j <= i).  colour: bidirectional inside one image or frame (j > i allowed).",
-           fill="black", font=font)
-    for k, name in enumerate(names):
-        d.rectangle([8 + 190 * k, y + 24, 22 + 190 * k, y + 38], fill=colors[k])
-        d.text((28 + 190 * k, y + 24), name, fill="black", font=font)
-    im.save(path)
-    print(f"wrote {path}: row i attends to column j where filled; each image/frame uses one t, (h, w) = its grid")
-
-
-if __name__ == "__main__":
-    draw_example()

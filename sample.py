@@ -5,6 +5,7 @@ Ask NEO about an image, several images or a video, and watch the answer stream o
     python sample.py --image a.png --image b.png --prompt "Which image has more shapes, the first or the second?"
     python sample.py --video clip.gif --num_frames 8 --prompt "Which way does the shape move?"
     python sample.py --image cat.jpg --show_attention attn.png      # where the answer looked
+    python sample.py --draw_mask mask.png                           # NEO's (t, h, w) indices and mask, drawn
     python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --device cuda   # the authors' weights
 
 --init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 import data
-from neo import NEO
+from neo import NEO, NEOConfig, build_attention_mask, build_positions
 
 # The system turn of the authors' chat code. Their modeling_neo_chat.py (read) puts "<image>\n" before the
 # question, expands it to <img> + n x <IMG_CONTEXT> + </img>, stops at the template's separator, and takes
@@ -68,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--min_pixels", type=int, default=None, help="per image (default: the model's config)")
     p.add_argument("--max_pixels", type=int, default=None,
                    help="per image, and per video frame (default: the model's config; a quarter of it per frame)")
+    p.add_argument("--draw_mask", default=None, metavar="OUT.png",
+                   help="draw the (t, h, w) indices and the mixed mask of an example sequence to OUT.png, then exit")
     p.add_argument("--show_attention", default=None, metavar="OUT.png",
                    help=f"save the first image (or video frame) with a heatmap of how much the answer tokens "
                         f"attended to each of its visual tokens: mean over all heads and the last {ATTN_LAYERS} "
@@ -174,7 +177,49 @@ def text_pieces(tokens, enc):
 
 
 # -----------------------------------------------------------------------------
-# --show_attention
+# --draw_mask (the README's picture of NEO's indices and mask) and --show_attention
+
+
+def draw_mask(path):
+    """Teaching picture: the (t, h, w) index of every token and the mixed mask (row i may attend to column j)
+    for text, a 2x2-token image, text, a 1x2-token image, and a two-frame video with timestamps."""
+    from PIL import Image, ImageDraw, ImageFont
+    cfg = NEOConfig()
+    S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
+    toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
+           ["<img>"] + ["v"] * 2 + ["</img>", "[1s]", "<img>"] + ["v"] * 2 + ["</img>", "C"]
+    ids = torch.tensor([[{"<img>": S, "</img>": E, "v": V}.get(t, 65) for t in toks]])
+    pos, img_id = build_positions(ids, [(2, 2), (1, 2), (1, 2), (1, 2)], cfg)
+    m = build_attention_mask(torch.zeros_like(ids), img_id)[0, 0]
+    L, c, left, top = len(toks), 28, 120, 120
+    font = ImageFont.load_default(size=12)
+    im = Image.new("RGB", (left + L * c + 20, top + L * c + 70), "white")
+    d = ImageDraw.Draw(im)
+    colors = [(230, 120, 120), (120, 170, 230), (120, 200, 140), (220, 190, 90)]
+    names = ["image 1 (2x2 tokens)", "image 2 (1x2)", "video frame 0 (1x2)", "video frame 1 (1x2)"]
+    for k, label in enumerate(("token", "t", "h", "w")):
+        d.text((left - 50, 8 + 26 * k), label, fill="black", font=font)
+    for i in range(L):
+        name = "img" if toks[i] == "<img>" else "/img" if toks[i] == "</img>" else toks[i]
+        col = colors[int(img_id[0, i])] if img_id[0, i] >= 0 else "black"
+        for k, text in enumerate((name, *(str(int(pos[a, 0, i])) for a in range(3)))):
+            d.text((left + i * c + c // 2, 14 + 26 * k), text, fill=col, font=font, anchor="mm")
+        d.text((8, top + i * c + c // 2), f"{name:>5}  t={int(pos[0, 0, i])}", fill=col, font=font, anchor="lm")
+        for j in range(L):
+            if m[i, j]:
+                same = img_id[0, i] >= 0 and img_id[0, i] == img_id[0, j]
+                d.rectangle([left + j * c, top + i * c, left + j * c + c - 3, top + i * c + c - 3],
+                            fill=colors[int(img_id[0, i])] if same else (110, 110, 110))
+    y = top + L * c + 12
+    d.text((8, y), "grey: causal (j <= i).  colour: bidirectional inside one image or frame (j > i allowed).",
+           fill="black", font=font)
+    for k, name in enumerate(names):
+        d.rectangle([8 + 190 * k, y + 24, 22 + 190 * k, y + 38], fill=colors[k])
+        d.text((28 + 190 * k, y + 24), name, fill="black", font=font)
+    im.save(path)
+    print(f"wrote {path}: row i attends to column j where filled; each image/frame uses one t, (h, w) = its grid")
+
+
 
 
 def heatmap(values, grid, base, path):
@@ -199,6 +244,8 @@ def to_pil(x):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.draw_mask:
+        return draw_mask(args.draw_mask)
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if "cuda" in device else "float32")

@@ -169,3 +169,11 @@ def test_bad_inputs(w):
         assert p.returncode == 1, (args, p.stderr)
         assert "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
         assert err.startswith("sample.py: ") and msg in err, (args, err)
+
+
+def test_draw_mask_needs_no_model(tmp_path):
+    """--draw_mask draws the teaching picture without any model folder: one 28-px cell per token pair."""
+    out = tmp_path / "mask.png"
+    sample.main(["--draw_mask", str(out), "--out_dir", str(tmp_path / "nothing_here")])
+    im = Image.open(out)
+    assert im.size == (120 + 23 * 28 + 20, 120 + 23 * 28 + 70)  # 23 tokens in the example sequence
