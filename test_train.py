@@ -181,6 +181,7 @@ def test_ddp_two_processes_equal_one(tmp_path, neo_folder):
     assert len(l1) == len(l2) == 3
     assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(l1, l2)), (l1, l2)
 
+
 def test_auto_dtype_follows_amx(tmp_path, monkeypatch):
     """--dtype=auto: bf16 on a CPU whose flags list amx_bf16, float32 otherwise or without /proc/cpuinfo."""
     amx, plain = tmp_path / "amx", tmp_path / "plain"
@@ -193,7 +194,6 @@ def test_auto_dtype_follows_amx(tmp_path, monkeypatch):
         assert train.resolve_dtype(train.TrainConfig(), "cpu") == want
         assert train.resolve_dtype(train.TrainConfig(dtype="float32"), "cpu") == "float32"
     assert train.resolve_dtype(train.TrainConfig(), "cuda") == "bfloat16"
-
 
 
 def test_bench_runs():
