@@ -515,34 +515,8 @@ class NEO(nn.Module):
         w = loss_weights.reshape(-1).float()
         return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # DESIGN §6: sum(w * CE) / sum(w)
 
-    # ---- training helpers
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
-        head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
-        cfg = self.cfg
-        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
-        if cfg.tie_word_embeddings:
-            n += self.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
-        qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
-        return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, vision_lr_scale=1.0, eps=1e-8):
-        """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors). The patch
-        embedding's groups carry lr_scale (train.py multiplies the scheduled LR by it; see its vision_lr_scale)."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = []
-        for is_vision in (False, True):
-            ps = [p for n, p in named if n.startswith("vision.") == is_vision]
-            scale = vision_lr_scale if is_vision else 1.0
-            groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
-                       {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-        groups = [g for g in groups if g["params"]]
-        fused = all(p.is_cuda for _, p in named)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     # ---- generation
 
@@ -588,10 +562,6 @@ class NEO(nn.Module):
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
     # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
-
-    def hf_state_dict(self, layout="neo"):
-        import checkpoint
-        return checkpoint.hf_state_dict(self, layout)
 
     def save_pretrained(self, out_dir, layout="neo"):
         """config.json + model.safetensors in the authors' layout, so their code could load our weights.

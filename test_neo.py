@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import train
+
 from neo import (IGNORE_INDEX, NEO, NEOConfig, attention, attention_probs, build_attention_mask,
                  build_positions, set_trainable)
 
@@ -190,7 +193,7 @@ def test_fixture_layout_matches_ours():
     """Our save layout has exactly the authors' tensor names and config fields."""
     from safetensors.torch import load_file
     model = NEO.from_pretrained(FIXTURE)
-    ours = set(model.hf_state_dict())
+    ours = set(checkpoint.hf_state_dict(model))
     theirs = set(load_file(os.path.join(FIXTURE, "model.safetensors")))
     assert ours == theirs
 
@@ -288,7 +291,7 @@ def test_qwen3_init(tmp_path):
     for tie in (True, False):
         hf, sd = write_qwen3(tmp_path / f"q{tie}", tie)
         model = NEO.from_pretrained(str(tmp_path / f"q{tie}"), n_pre_layers=3)
-        hsd = model.hf_state_dict()
+        hsd = checkpoint.hf_state_dict(model)
         assert torch.equal(hsd["language_model.model.layers.4.mlp.up_proj.weight"], sd["model.layers.1.mlp.up_proj.weight"])
         D = 16
         keep = list(range(0, D // 4)) + list(range(D // 2, 3 * D // 4))  # highest-frequency rotary pairs
@@ -317,7 +320,7 @@ def test_pretrain_stage_changes_exactly_the_listed_parameters():
     model = NEO(cfg)
     set_trainable(model, "pretrain")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = model.configure_optimizers(0.01, 1e-3, (0.9, 0.95))
+    opt = train.configure_optimizers(model, 0.01, 1e-3, (0.9, 0.95))
     ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5]])
     tg = torch.tensor([[2] + [IGNORE_INDEX] * 6 + [3, 4, 5, 6]])
     _, loss = model(ids, [torch.randn(3, 64, 64)], tg)
@@ -376,4 +379,4 @@ def test_flops_and_presets():
     with pytest.raises(ValueError, match="toy"):
         NEOConfig.preset("nope")
     m = NEO(tiny_cfg())
-    assert m.flops_per_token(512) > m.flops_per_token(64) > 6 * 0.5 * m.num_params()
+    assert train.flops_per_token(m, 512) > train.flops_per_token(m, 64) > 6 * 0.5 * m.num_params()

@@ -222,6 +222,20 @@ def vision_lr_scale(cfg):
     return 0.1 if cfg.model == "toy" else 1.0
 
 
+def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_scale=1.0, eps=1e-8):
+    """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors). The patch
+    embedding's groups carry lr_scale: the loop multiplies the scheduled LR by it (see vision_lr_scale)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for is_vision in (False, True):
+        ps = [p for n, p in named if n.startswith("vision.") == is_vision]
+        scale = vision_lr_scale if is_vision else 1.0
+        groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.is_cuda for _, p in named)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
 def get_lr(step, lr, ratio, warmup, iters):
     """Linear warm-up, then cosine from lr down to lr * ratio at the last step."""
     if step < warmup:
@@ -277,6 +291,16 @@ def measure_cpu_peak(dtype, seconds=1.0):
         k += 1
     return 2 * n ** 3 * k / (time.perf_counter() - t0)
 
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
+    head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
+    cfg = model.cfg
+    n = model.num_params() - model.embed_tokens.weight.numel()
+    if cfg.tie_word_embeddings:
+        n += model.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
+    qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
+    return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
 
 def gpu_peak_flops(name):
     """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
@@ -524,7 +548,7 @@ def run_stage(cfg, stage, init, env, state):
            f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
            f"warm-up {warmup}, {iters} steps")
     raw_model = model
-    opt = raw_model.configure_optimizers(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2), vision_lr_scale(cfg))
+    opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2), vision_lr_scale(cfg))
     if cfg.fsdp:  # FSDP2: shard every layer, then the rest; mixed precision by the policy, not autocast
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
@@ -532,7 +556,7 @@ def run_stage(cfg, stage, init, env, state):
             fully_shard(blk, mp_policy=mp)
         fully_shard(raw_model, mp_policy=mp)
         ctx = nullcontext()
-        opt = raw_model.configure_optimizers(cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),  # on the DTensors
+        opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),  # on the DTensors
                                              vision_lr_scale(cfg))
     if resume is not None:
         load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
@@ -554,7 +578,7 @@ def run_stage(cfg, stage, init, env, state):
         set_rng_state(resume["rng"][rank] if isinstance(resume["rng"], list) else resume["rng"])
         step = resume["step"]
     it = iter(loader)
-    flops_tok = raw_model.flops_per_token(cfg.max_seq_len)
+    flops_tok = flops_per_token(raw_model, cfg.max_seq_len)
     peak = state["peak"]
 
     def checkpoint():
@@ -682,7 +706,7 @@ def bench(cfg, env):
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
     model.grad_checkpointing = cfg.grad_checkpointing
     set_trainable(model, "midtrain")
-    opt = model.configure_optimizers(cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
     enc = data.get_tokenizer(cfg.tokenizer or "shapes")
     it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
     batches = [to_device(next(it), device) for _ in range(4)]
@@ -705,7 +729,7 @@ def bench(cfg, env):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tps = n / dt
-    flops = tps * model.flops_per_token(cfg.max_seq_len)
+    flops = tps * flops_per_token(model, cfg.max_seq_len)
     peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
         torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if "cuda" in device else ""
