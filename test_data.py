@@ -342,6 +342,49 @@ def test_shapes_answers_match_pixels():
         assert ex["images"] == [] and ex["turns"][0][1]
 
 
+def test_spatial_two_matches_pixels():
+    """The training-only two-object relations: exactly two blobs, and the answer agrees with where the named
+    shapes are drawn (each shape found from how much of its bounding box it fills), both forms, balanced."""
+    w, answers = data.ShapesWorld(), Counter()
+    fill = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
+    for i in range(400):
+        ex = w.example(i, "spatial_two")
+        (q, a), = ex["turns"]
+        q = q.removeprefix("<image>")
+        a_img = np.asarray(ex["images"][0])
+        fg = (a_img != np.array(data.BACKGROUND)).any(-1)
+        lab, found = np.zeros(fg.shape, int), {}
+        for k, (y0, x0) in enumerate(zip(*np.nonzero(fg))):  # flood fill, as components() does
+            if lab[y0, x0]:
+                continue
+            stack, pts = [(y0, x0)], []
+            lab[y0, x0] = k + 1
+            while stack:
+                y, x = stack.pop()
+                pts.append((y, x))
+                for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                    if 0 <= yy < fg.shape[0] and 0 <= xx < fg.shape[1] and fg[yy, xx] and not lab[yy, xx]:
+                        lab[yy, xx] = k + 1
+                        stack.append((yy, xx))
+            ys, xs = np.array(pts).T
+            ratio = len(pts) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            found[min(fill, key=lambda s: abs(fill[s] - ratio))] = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2)
+        assert len(found) == 2, (i, q, found)
+        n1, n2 = re.findall(r"the (circle|square|triangle)", q)
+        k = 0 if ("left" in q.split(",")[0] or "right" in q.split(",")[0]) else 1  # axis the question asks about
+        lo, hi = sorted((n1, n2), key=lambda s: found[s][k])
+        if q.startswith("Is the"):
+            want = ("left" if found[n1][0] < found[n2][0] else "right") if k == 0 else \
+                   ("above" if found[n1][1] < found[n2][1] else "below")
+        else:
+            want = lo if ("further left" in q or "higher" in q) else hi
+        assert a == want, (i, q, a, found)
+        answers[a] += 1
+    assert len(answers) == 7, answers  # left/right/above/below and the three shapes
+    for x, y in (("left", "right"), ("above", "below")):  # balanced within an axis: a blind guess gets half
+        assert 0.5 < answers[x] / answers[y] < 2, answers
+
+
 def template(q):
     """A question with its object names blanked: the text a blind model sees, up to the names."""
     return re.sub(r"\b(" + "|".join(list(data.COLORS) + list(data.SHAPES)) + r")\b", "X", q.split("\n")[-1])
@@ -378,7 +421,7 @@ def test_stage_mixtures_and_eval():
     fams = {s: Counter(data.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in data.MIXES}
     assert set(fams["llm"]) == {"text"}
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
-    assert set(fams["midtrain"]) == set(data.FAMILIES) | {"multi_turn"}
+    assert set(fams["midtrain"]) == set(data.FAMILIES) | {"multi_turn", "spatial_two"}
     assert "multi_turn" in fams["sft"]
     val = data.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)
