@@ -433,7 +433,7 @@ IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick
 # answer, three times an image sample). Measured after 250 mid-training steps: colour 15% with 2:4:1:1, 28% with
 # these weights, 78% with these weights and the grey background. spatial_two (training only: relations in
 # two-object scenes, see gen_spatial_two) moved spatial off chance in the 4x run (50% -> 74%, 100 prompts), and
-# multi_change 1 instead of 0.5 took it from 62% to 86% in another 4x run (README, "What it reaches").
+# multi_change was 62% there at weight 0.5 and 86% in another 4x run at weight 1 (README, "What it reaches").
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
