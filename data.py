@@ -432,8 +432,9 @@ IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick
 # family; text is 1 (the llm stage taught it already) and video 0.4 (a video sample is ~150 tokens for one
 # answer, three times an image sample). Measured after 250 mid-training steps: colour 15% with 2:4:1:1, 28% with
 # these weights, 78% with these weights and the grey background. spatial_two (training only: relations in
-# two-object scenes, see gen_spatial_two) moved spatial off chance in the 4x run (50% -> 74%, 100 prompts), and
-# multi_change was 62% there at weight 0.5 and 86% in another 4x run at weight 1 (README, "What it reaches").
+# two-object scenes, see gen_spatial_two) shortens the plateau spatial relations sit on; the full 4x run got
+# past it in one run of three (spatial 74%, left/right only), not in the other two (46%). multi_change was 62%
+# at weight 0.5 and 86% and 100% at weight 1, one 4x run each (README, "What it reaches").
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
