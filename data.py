@@ -542,8 +542,8 @@ def spatial_qa(a, b, axis):
     return f"Is the {a['shape']} above or below the {b['shape']}?", "above" if a["y"] < b["y"] else "below"
 
 
-def gen_spatial(rng):
-    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True)
+def gen_spatial(rng, n=0):
+    objs = new_objects(rng, n or rng.randint(2, 3), distinct_shapes=True)
     axis = rng.choice(("lr", "ab"))
     k = "x" if axis == "lr" else "y"
     W, H = layout(rng, objs, ok=lambda o: abs(o[0][k] - o[1][k]) >= 16)  # a clear gap on the asked axis
@@ -563,8 +563,8 @@ def pick_qa(a, b, axis, far):
     return f"Which is {word[far]}, the {a['shape']} or the {b['shape']}?", (lo, hi)[far]["shape"]
 
 
-def gen_spatial_pick(rng):
-    objs = new_objects(rng, rng.randint(2, 3), distinct_shapes=True)
+def gen_spatial_pick(rng, n=0):
+    objs = new_objects(rng, n or rng.randint(2, 3), distinct_shapes=True)
     axis = rng.choice(("lr", "ab"))
     k = "x" if axis == "lr" else "y"
     W, H = layout(rng, objs, ok=lambda o: abs(o[0][k] - o[1][k]) >= 16)
@@ -574,19 +574,13 @@ def gen_spatial_pick(rng):
 
 
 def gen_spatial_two(rng):
-    """Training only: both spatial forms about a scene of exactly two objects, no distractor. Relations sit
-    on a plateau at chance for ~500 steps of spatial-only training with 2-3 objects; with two, the loss
-    leaves it after ~130 (measured from the 4x run's checkpoint). The held-out families keep 2-3 objects."""
-    objs = new_objects(rng, 2, distinct_shapes=True)
-    # both axes equally. After the 4x run left/right was 100% right and above/below at chance (captions teach
-    # left-to-right order, nothing teaches rows); asking above/below 3 times in 4 did not fix that and lost
-    # left/right too (spatial 74% -> 46%, one run each)
-    axis = rng.choice(("lr", "ab"))
-    k = "x" if axis == "lr" else "y"
-    W, H = layout(rng, objs, ok=lambda o: abs(o[0][k] - o[1][k]) >= 16)
-    a, b = objs if rng.random() < 0.5 else objs[::-1]
-    q, ans = spatial_qa(a, b, axis) if rng.random() < 0.5 else pick_qa(a, b, axis, rng.randrange(2))
-    return [draw(W, H, objs)], [("<image>" + q, ans)]
+    """Training only: a spatial question of either form about a scene of exactly two objects, no distractor.
+    Relations sit on a plateau at chance for ~500 steps of spatial-only training with 2-3 objects; with two,
+    the loss leaves it after ~130 (measured from the 4x run's checkpoint). Held-out sets keep 2-3 objects.
+    Both axes equally: after a 4x run left/right was 100% right and above/below at chance (captions teach
+    left-to-right order, nothing teaches rows); asking above/below 3 times in 4 did not fix that and lost
+    left/right too (spatial 74% -> 46%, one run each)."""
+    return (gen_spatial if rng.random() < 0.5 else gen_spatial_pick)(rng, n=2)
 
 
 def gen_size(rng):
@@ -724,7 +718,8 @@ def gen_text(rng):
 
 
 GENERATORS = {"caption": gen_caption, "color": gen_color, "shape": gen_shape, "count": gen_count,
-              "spatial": gen_spatial, "spatial_pick": gen_spatial_pick, "spatial_two": gen_spatial_two, "size": gen_size, "read": gen_read, "multi_count": gen_multi_count,
+              "spatial": gen_spatial, "spatial_pick": gen_spatial_pick, "spatial_two": gen_spatial_two,
+              "size": gen_size, "read": gen_read, "multi_count": gen_multi_count,
               "multi_change": gen_multi_change, "video_dir": gen_video_dir, "video_appear": gen_video_appear,
               "multi_turn": gen_multi_turn, "text": gen_text}
 

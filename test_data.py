@@ -275,24 +275,29 @@ def test_packing():
 # ---- ShapesWorld
 
 
-def components(img):
-    """Connected blobs of non-background pixels (4-neighbour flood fill)."""
+def blobs(img):
+    """Connected blobs of non-background pixels (4-neighbour flood fill), each as (ys, xs) arrays."""
     a = np.asarray(img)
     fg = (a != np.array(data.BACKGROUND)).any(-1)
-    seen, n = np.zeros_like(fg), 0
+    seen, out = np.zeros_like(fg), []
     for y0, x0 in zip(*np.nonzero(fg)):
         if seen[y0, x0]:
             continue
-        n += 1
-        stack = [(y0, x0)]
+        stack, pts = [(y0, x0)], []
         seen[y0, x0] = True
         while stack:
             y, x = stack.pop()
+            pts.append((y, x))
             for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
                 if 0 <= yy < fg.shape[0] and 0 <= xx < fg.shape[1] and fg[yy, xx] and not seen[yy, xx]:
                     seen[yy, xx] = True
                     stack.append((yy, xx))
-    return n
+        out.append(np.array(pts).T)
+    return out
+
+
+def components(img):
+    return len(blobs(img))
 
 
 def centroid(img):
@@ -351,23 +356,9 @@ def test_spatial_two_matches_pixels():
         ex = w.example(i, "spatial_two")
         (q, a), = ex["turns"]
         q = q.removeprefix("<image>")
-        a_img = np.asarray(ex["images"][0])
-        fg = (a_img != np.array(data.BACKGROUND)).any(-1)
-        lab, found = np.zeros(fg.shape, int), {}
-        for k, (y0, x0) in enumerate(zip(*np.nonzero(fg))):  # flood fill, as components() does
-            if lab[y0, x0]:
-                continue
-            stack, pts = [(y0, x0)], []
-            lab[y0, x0] = k + 1
-            while stack:
-                y, x = stack.pop()
-                pts.append((y, x))
-                for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                    if 0 <= yy < fg.shape[0] and 0 <= xx < fg.shape[1] and fg[yy, xx] and not lab[yy, xx]:
-                        lab[yy, xx] = k + 1
-                        stack.append((yy, xx))
-            ys, xs = np.array(pts).T
-            ratio = len(pts) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        found = {}
+        for ys, xs in blobs(ex["images"][0]):
+            ratio = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
             found[min(fill, key=lambda s: abs(fill[s] - ratio))] = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2)
         assert len(found) == 2, (i, q, found)
         n1, n2 = re.findall(r"the (circle|square|triangle)", q)
