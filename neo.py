@@ -481,25 +481,20 @@ class NEO(nn.Module):
         grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
         pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
         if cache is not None and cache.length > 0:  # decoding text after the prompt: t continues, h = w = 0
+            assert L == 1, "decode one token at a time"
             pos = torch.zeros_like(pos)
             pos[0] = cache.next_t[:, None] + torch.arange(L, device=input_ids.device)
-        if cache is not None:
-            cache.next_t = pos[0].max(1).values + 1
-        # the mask: none needed for one decoded token; plain causal when there is nothing to mix
-        if cache is not None and cache.length > 0:
-            assert L == 1, "decode one token at a time"
-            mask = None
-        else:
+            mask = None  # one new token may see the whole cache
+        else:  # the mixed mask of DESIGN §4 (a FlexAttention BlockMask for long packs on CUDA)
             docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
             mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
+        if cache is not None:
+            cache.next_t = pos[0].max(1).values + 1
         rope = self.rope_tables(pos)
 
         x = self.embed(input_ids, images)
-        layers = list(self.pre_buffer) + list(self.post_llm)
-        for i, block in enumerate(layers):
-            if i == cfg.n_pre_layers:
-                pass  # <- here the Pre-Buffer ends and the Post-LLM (the pretrained Qwen3 layers) begins
+        for block in [*self.pre_buffer, *self.post_llm]:  # the new Pre-Buffer, then the pretrained Qwen3 layers
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
