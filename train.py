@@ -236,6 +236,7 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_sc
     fused = all(p.is_cuda for _, p in named)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
+
 def get_lr(step, lr, ratio, warmup, iters):
     """Linear warm-up, then cosine from lr down to lr * ratio at the last step."""
     if step < warmup:
@@ -301,6 +302,7 @@ def flops_per_token(model, seq_len):
         n += model.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
     qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
     return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
+
 
 def gpu_peak_flops(name):
     """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
@@ -557,7 +559,7 @@ def run_stage(cfg, stage, init, env, state):
         fully_shard(raw_model, mp_policy=mp)
         ctx = nullcontext()
         opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),  # on the DTensors
-                                             vision_lr_scale(cfg))
+                                   vision_lr_scale(cfg))
     if resume is not None:
         load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
     if cfg.compile:
