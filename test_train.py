@@ -171,15 +171,20 @@ def test_resume_is_exact(tmp_path, neo_folder):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ddp_two_processes_equal_one(tmp_path, neo_folder):
-    """torchrun with 2 CPU processes (gloo) and the same global batch gives the loss of one process."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_equal_one(tmp_path, neo_folder, fsdp):
+    """torchrun with 2 CPU processes (gloo), DDP or FSDP2, and the same global batch gives the losses of one
+    process, and (FSDP: gathered from the shards) the same final weights."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     common = TINY + ["--stage=midtrain", "--max_iters=3", "--grad_accum=2", f"--init_from={neo_folder}"]
     run(common + [f"--out_dir={one}"])
-    run(common + [f"--out_dir={two}"], nproc=2)
+    run(common + [f"--out_dir={two}", f"--fsdp={fsdp}"], nproc=2)
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 3
     assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(l1, l2)), (l1, l2)
+    w1 = NEO.from_pretrained(os.path.join(one, "midtrain")).state_dict()
+    w2 = NEO.from_pretrained(os.path.join(two, "midtrain")).state_dict()
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 def test_auto_dtype_follows_amx(tmp_path, monkeypatch):

@@ -393,7 +393,7 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
                 imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
             imgs = [im.to(device) for im in imgs]
             n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
-            with ctx:
+            with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
                 out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"])
             for p, row in zip(chunk, out.tolist()):
                 row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
@@ -422,6 +422,15 @@ def set_rng_state(s):
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def compile_layers(model):
+    """--compile=True compiles each transformer layer in place, not the whole model: the positions and the mask
+    depend on where the images sit in each pack (a graph break and a recompile per batch: NEO-2B compiled whole
+    had not finished warming up after 260 s on an H200), while every layer sees the same shapes and code.
+    Evaluation (KV-cache decoding, a new length each token) runs them eagerly (torch.compiler.set_stance)."""
+    for block in [*model.pre_buffer, *model.post_llm]:
+        block.compile()
 
 
 def atomic_save(obj, path):
@@ -557,13 +566,12 @@ def run_stage(cfg, stage, init, env, state):
         for blk in list(raw_model.pre_buffer) + list(raw_model.post_llm):
             fully_shard(blk, mp_policy=mp)
         fully_shard(raw_model, mp_policy=mp)
-        ctx = nullcontext()
         opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),  # on the DTensors
                                    vision_lr_scale(cfg))
     if resume is not None:
         load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
     if cfg.compile:
-        model = torch.compile(model)
+        compile_layers(raw_model)
     if ddp and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # find_unused_parameters: a micro-batch without images leaves the patch embedding without a grad
@@ -571,7 +579,9 @@ def run_stage(cfg, stage, init, env, state):
                     find_unused_parameters=True)
 
     # ---- data: each rank reads its own shard; grad_accum counts micro-steps over all ranks
-    assert cfg.grad_accum % world == 0, f"grad_accum {cfg.grad_accum} must be a multiple of the world size {world}"
+    if cfg.grad_accum % world:
+        raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
+                          f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
     accum = cfg.grad_accum // world
     loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + ORDER.index(stage))
     step = 0
@@ -614,7 +624,7 @@ def run_stage(cfg, stage, init, env, state):
                 model.require_backward_grad_sync = micro == accum - 1
             if cfg.fsdp:
                 raw_model.set_requires_gradient_sync(micro == accum - 1)
-            with ctx:
+            with ctx if not cfg.fsdp else nullcontext():
                 _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
                                 batch["loss_weights"])
             # each micro-batch loss is a mean, so divide to make the sum over micro-steps their mean
@@ -679,7 +689,8 @@ def run_stage(cfg, stage, init, env, state):
             t0 = time.perf_counter()
             # what each stage taught: llm the text family, pretrain captions; then every family
             families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
-            acc = evaluate(raw_model, enc, cfg, device, ctx if not cfg.fsdp else nullcontext(), families=families)
+            raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
+            acc = evaluate(raw_model, enc, cfg, device, ctx, families=families)
             entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
             if cfg.blind and last:
@@ -704,15 +715,20 @@ def bench(cfg, env):
     _, _, _, _, device = env
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
-    model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg))).to(device)  # random weights
+    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
+        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
     model.grad_checkpointing = cfg.grad_checkpointing
     set_trainable(model, "midtrain")
     opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    enc = data.get_tokenizer(cfg.tokenizer or "shapes")
     it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
     batches = [to_device(next(it), device) for _ in range(4)]
     fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
+    if cfg.compile:
+        compile_layers(model)
 
     def train_step(b):
         with ctx:
@@ -721,7 +737,7 @@ def bench(cfg, env):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for b in batches[:2]:  # warm-up
+    for b in batches:  # warm-up: every batch shape once (--compile=True compiles each here, not in the timing)
         train_step(b)
     n, t0 = 0, time.perf_counter()
     for k in range(8):
@@ -734,10 +750,13 @@ def bench(cfg, env):
     flops = tps * flops_per_token(model, cfg.max_seq_len)
     peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
         torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
-    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if "cuda" in device else ""
+    gpu = "cuda" in device
+    where = f"{torch.cuda.get_device_name()}" if gpu else f"{torch.get_num_threads()} threads"
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
     print(f"bench: {model.num_params() / 1e6:.2f}M params, batch {cfg.batch_size}x{cfg.max_seq_len}, dtype "
-          f"{cfg.dtype}, {torch.get_num_threads()} threads: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
-          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s measured peak = {100 * flops / peak:.1f}%{mem}")
+          f"{cfg.dtype}{', compiled' if cfg.compile else ''}, {where}: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
+          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s {'bf16 data-sheet' if gpu else 'measured'} "
+          f"peak = {100 * flops / peak:.1f}%{mem}")
     return tps, flops / peak
 
 
