@@ -16,10 +16,10 @@ import train
 from neo import NEO, NEOConfig, set_trainable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# a tiny model and tiny batches: every run below takes seconds
+# a tiny model and tiny batches, eager (compiling would take longer than the runs): every run takes seconds
 TINY = ["--d_model=64", "--n_layer=2", "--n_pre_layers=1", "--n_head=4", "--n_kv_head=2", "--head_dim=16",
         "--d_mlp=128", "--vision_dim=32", "--batch_size=2", "--max_seq_len=256", "--dtype=float32",
-        "--threads=1", "--eval_samples=0", "--log_interval=100"]
+        "--compile=False", "--threads=1", "--eval_samples=0", "--log_interval=100"]
 
 
 def run(args, nproc=1, check=True):
@@ -201,9 +201,43 @@ def test_auto_dtype_follows_amx(tmp_path, monkeypatch):
     assert train.resolve_dtype(train.TrainConfig(), "cuda") == "bfloat16"
 
 
+def test_compiled_layers_match_eager():
+    """compile_layers (--compile=True, the default) trains the same function: loss and every gradient of a
+    packed batch with images agree with eager execution; decoding under evaluation runs eagerly."""
+    torch.manual_seed(0)
+    cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
+                           d_mlp=128, vision_dim=32)
+    tcfg = train.TrainConfig(batch_size=2, max_seq_len=128, stage="midtrain", compile=False)
+    batch = next(iter(train.make_loader(tcfg, "midtrain", train.data.get_tokenizer("shapes"), cfg, 0, 1, 0)))
+    model = NEO(cfg)
+    result = []
+    for compiled in (False, True):
+        if compiled:
+            train.compile_layers(model)
+        model.zero_grad()
+        _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
+                        batch["loss_weights"])
+        loss.backward()
+        result.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = result
+    assert abs(l0 - l1) < 1e-4 * abs(l0) and len(g0) == len(g1) > 0
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
+    assert model.post_llm[0]._compiled_call_impl is not None  # it really was compiled
+
+
+def test_compile_falls_back_to_eager(monkeypatch, capsys):
+    """Where torch.compile cannot work (no C++ compiler, say), training goes on eagerly after one line."""
+    def broken(*a, **k):
+        raise RuntimeError("Compiler: cc is not found.\nmore detail")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert train.compile_works("cpu") is False
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "training eagerly" in out[0] and "cc is not found" in out[0]
+
+
 def test_bench_runs():
     """--bench=True prints tokens/s and the achieved fraction of the measured peak."""
-    p = run(TINY[:-3] + ["--bench=True"])
+    p = run(TINY[:-3] + ["--bench=True"])  # (all but the eval and log keys)
     assert "tok/s" in p.stdout and "GFLOP/s" in p.stdout
 
 

@@ -84,7 +84,7 @@ class TrainConfig:
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
     dtype: str = "auto"           # auto|bfloat16|float32 autocast (weights stay float32); auto =
     #                               bfloat16 on a GPU or a CPU with AMX, else float32 (see resolve_dtype)
-    compile: bool = False         # torch.compile the model for training
+    compile: bool = True          # torch.compile each layer for training (off by itself where it cannot work)
     fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
     grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
     threads: int = 0              # CPU threads; 0 = torch's default
@@ -431,6 +431,19 @@ def compile_layers(model):
     Evaluation (KV-cache decoding, a new length each token) runs them eagerly (torch.compiler.set_stance)."""
     for block in [*model.pre_buffer, *model.post_llm]:
         block.compile()
+
+
+def compile_works(device):
+    """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
+    a machine without one trains eagerly after a one-line note instead of failing at the first step.
+    Measured: compiled layers train the toy 1.6x faster end to end in bf16 on an AMX CPU (README)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        return True
+    except Exception as e:  # no compiler, an unsupported platform or Python: all mean "eager"
+        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+               f"training eagerly (pass --compile=False to skip this check)")
+        return False
 
 
 def atomic_save(obj, path):
@@ -845,6 +858,7 @@ def main(argv=None):
     if "cuda" in device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    cfg.compile = cfg.compile and compile_works(device)
     if cfg.bench:
         return bench(cfg, env)
     if cfg.ablate:
