@@ -16,6 +16,8 @@ import train
 from neo import NEO, NEOConfig, set_trainable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128,
+                  vision_dim=32)
 # a tiny model and tiny batches, eager (compiling would take longer than the runs): every run takes seconds
 TINY = ["--d_model=64", "--n_layer=2", "--n_pre_layers=1", "--n_head=4", "--n_kv_head=2", "--head_dim=16",
         "--d_mlp=128", "--vision_dim=32", "--batch_size=2", "--max_seq_len=256", "--dtype=float32",
@@ -42,8 +44,7 @@ def losses(out_dir):
 def neo_folder(tmp_path_factory):
     """A random tiny NEO saved in the authors' layout: the starting point of single-stage runs."""
     torch.manual_seed(0)
-    cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
-                           d_mlp=128, vision_dim=32)
+    cfg = NEOConfig.preset("toy", **TINY_MODEL)
     path = str(tmp_path_factory.mktemp("init") / "neo")
     train.save_stage_folder(NEO(cfg), "bytes", path)
     return path
@@ -203,10 +204,9 @@ def test_auto_dtype_follows_amx(tmp_path, monkeypatch):
 
 def test_compiled_layers_match_eager():
     """compile_layers (--compile=True, the default) trains the same function: loss and every gradient of a
-    packed batch with images agree with eager execution; decoding under evaluation runs eagerly."""
+    packed batch with images agree with eager execution."""
     torch.manual_seed(0)
-    cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
-                           d_mlp=128, vision_dim=32)
+    cfg = NEOConfig.preset("toy", **TINY_MODEL)
     tcfg = train.TrainConfig(batch_size=2, max_seq_len=128, stage="midtrain", compile=False)
     batch = next(iter(train.make_loader(tcfg, "midtrain", train.data.get_tokenizer("shapes"), cfg, 0, 1, 0)))
     model = NEO(cfg)
@@ -237,7 +237,7 @@ def test_compile_falls_back_to_eager(monkeypatch, capsys):
 
 def test_bench_runs():
     """--bench=True prints tokens/s and the achieved fraction of the measured peak."""
-    p = run(TINY[:-3] + ["--bench=True"])  # (all but the eval and log keys)
+    p = run(TINY[:-3] + ["--bench=True"])  # (all but the threads, eval and log keys)
     assert "tok/s" in p.stdout and "GFLOP/s" in p.stdout
 
 

@@ -441,7 +441,8 @@ def compile_works(device):
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
         return True
     except Exception as e:  # no compiler, an unsupported platform or Python: all mean "eager"
-        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        first_line = str(e).partition("\n")[0][:120]
+        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {first_line}); "
                f"training eagerly (pass --compile=False to skip this check)")
         return False
 
@@ -571,16 +572,16 @@ def run_stage(cfg, stage, init, env, state):
     print0(f"[{stage}] {model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; from "
            f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
            f"warm-up {warmup}, {iters} steps")
-    raw_model = model
-    opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2), vision_lr_scale(cfg))
+    raw_model, train_ctx = model, ctx
     if cfg.fsdp:  # FSDP2: shard every layer, then the rest; mixed precision by the policy, not autocast
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
         for blk in list(raw_model.pre_buffer) + list(raw_model.post_llm):
             fully_shard(blk, mp_policy=mp)
         fully_shard(raw_model, mp_policy=mp)
-        opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),  # on the DTensors
-                                   vision_lr_scale(cfg))
+        train_ctx = nullcontext()  # (evaluation, on the gathered copy, still autocasts with ctx)
+    # after fully_shard, so that under FSDP the optimizer holds the sharded DTensors
+    opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2), vision_lr_scale(cfg))
     if resume is not None:
         load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
     if cfg.compile:
@@ -637,7 +638,7 @@ def run_stage(cfg, stage, init, env, state):
                 model.require_backward_grad_sync = micro == accum - 1
             if cfg.fsdp:
                 raw_model.set_requires_gradient_sync(micro == accum - 1)
-            with ctx if not cfg.fsdp else nullcontext():
+            with train_ctx:
                 _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
                                 batch["loss_weights"])
             # each micro-batch loss is a mean, so divide to make the sum over micro-steps their mean

@@ -16,6 +16,7 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 from neo import NEO, NEOConfig  # noqa: E402
+from test_neo import span, tiny_cfg  # noqa: E402  (the tests' helpers: an image span, the tiny config)
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False  # compare in true float32
@@ -26,10 +27,6 @@ def check(name, ok, detail):
     print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
     if not ok:
         failed.append(name)
-
-
-def span(cfg, rows, cols):
-    return [cfg.img_start_id] + [cfg.img_context_id] * (rows * cols) + [cfg.img_end_id]
 
 
 print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")
@@ -85,8 +82,7 @@ check("FlexAttention == SDPA, bf16 loss", abs(out["sdpa"] - out["flex"]) < 2e-2,
 
 # 3. cached == uncached greedy decoding
 torch.manual_seed(0)
-cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
-                       d_mlp=128, vision_dim=32)
+cfg = tiny_cfg()
 model = NEO(cfg).to(dev).eval()
 for p in model.parameters():  # sharper logits, so the greedy path is not decided by rounding
     p.data.mul_(5.0) if p.dim() > 1 else None
