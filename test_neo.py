@@ -21,9 +21,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "assets", "neo_official_tiny")
 
 
+TINY_MODEL = dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128,
+                  vision_dim=32)  # the tests' model size (test_train.py and .ci/gpu_checks.py use it too)
+
+
 def tiny_cfg(**kw):
-    return NEOConfig.preset("toy", **{**dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2,
-                                              head_dim=16, d_mlp=128, vision_dim=32), **kw})
+    return NEOConfig.preset("toy", **{**TINY_MODEL, **kw})
 
 
 def span(cfg, rows, cols):

@@ -13,15 +13,14 @@ import pytest
 import torch
 
 import train
-from neo import NEO, NEOConfig, set_trainable
+from neo import NEO, set_trainable
+from test_neo import TINY_MODEL, tiny_cfg  # the tests' model size, one place
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_MODEL = dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128,
-                  vision_dim=32)
 # a tiny model and tiny batches, eager (compiling would take longer than the runs): every run takes seconds
-TINY = ["--d_model=64", "--n_layer=2", "--n_pre_layers=1", "--n_head=4", "--n_kv_head=2", "--head_dim=16",
-        "--d_mlp=128", "--vision_dim=32", "--batch_size=2", "--max_seq_len=256", "--dtype=float32",
-        "--compile=False", "--threads=1", "--eval_samples=0", "--log_interval=100"]
+TINY = [f"--{k}={v}" for k, v in TINY_MODEL.items()] + [
+    "--batch_size=2", "--max_seq_len=256", "--dtype=float32", "--compile=False", "--threads=1", "--eval_samples=0",
+    "--log_interval=100"]
 
 
 def run(args, nproc=1, check=True):
@@ -44,7 +43,7 @@ def losses(out_dir):
 def neo_folder(tmp_path_factory):
     """A random tiny NEO saved in the authors' layout: the starting point of single-stage runs."""
     torch.manual_seed(0)
-    cfg = NEOConfig.preset("toy", **TINY_MODEL)
+    cfg = tiny_cfg()
     path = str(tmp_path_factory.mktemp("init") / "neo")
     train.save_stage_folder(NEO(cfg), "bytes", path)
     return path
@@ -206,7 +205,7 @@ def test_compiled_layers_match_eager():
     """compile_layers (--compile=True, the default) trains the same function: loss and every gradient of a
     packed batch with images agree with eager execution."""
     torch.manual_seed(0)
-    cfg = NEOConfig.preset("toy", **TINY_MODEL)
+    cfg = tiny_cfg()
     tcfg = train.TrainConfig(batch_size=2, max_seq_len=128, stage="midtrain", compile=False)
     batch = next(iter(train.make_loader(tcfg, "midtrain", train.data.get_tokenizer("shapes"), cfg, 0, 1, 0)))
     model = NEO(cfg)
