@@ -434,7 +434,7 @@ IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick
 # these weights, 78% with these weights and the grey background. spatial_two (training only: relations in
 # two-object scenes, see gen_spatial_two) shortens the plateau spatial relations sit on; the full 4x run got
 # past it in one run of three (spatial 74%, left/right only), not in the other two (46%). multi_change was 62%
-# at weight 0.5 and 86% and 100% at weight 1, one 4x run each (README, "What it reaches").
+# at weight 0.5 and 86% and 100% at weight 1, one 4x run each (EXPERIMENTS.md).
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
