@@ -427,19 +427,21 @@ FAMILIES = {
 CHANCE = {f: c for f, (_, c) in FAMILIES.items()}
 IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick", "size", "read")
 # stage mixtures (relative weights). midtrain keeps NEO-ov's families (text, image, multi-image, video) but not
-# its 2:4:1:1 ratio, a toy deviation measured to learn faster: its image part is mostly conversations about one
-# scene (multi_turn: 3-5 answers per image, the most supervision per token) plus single questions of every
-# family; text is 1 (the llm stage taught it already) and video 0.4 (a video sample is ~150 tokens for one
-# answer, three times an image sample). Measured after 250 mid-training steps: colour 15% with 2:4:1:1, 28% with
-# these weights, 78% with these weights and the grey background. spatial_two (training only: relations in
-# two-object scenes, see gen_spatial_two) shortens the plateau spatial relations sit on; the full 4x run got
-# past it in one run of three (spatial 74%, left/right only), not in the other two (46%). multi_change was 62%
-# at weight 0.5 and 86% and 100% at weight 1, one 4x run each (EXPERIMENTS.md).
+# its 2:4:1:1 ratio, a toy deviation measured to learn faster. Colour questions are ~30% of its samples: finding
+# an object by its shape ("What color is the circle?") is the skill the toy learns last, and it needs many colour
+# questions while the patch embedding stays frozen (train.vision_lr_scale): 720 midtrain steps from one pretrain
+# checkpoint gave colour 74% at weight 0.25 and 93-96% at 4.25 (four mixtures). Captions (3.5) are the other slow
+# skill: listing 3-4 objects left to right. multi_turn asks 3-5 questions about one scene (the most supervision per
+# image); text is 1 (the llm stage taught it already) and video 0.4 (a video sample is ~150 tokens for one answer,
+# three times an image sample). spatial_two (training only: relations in two-object scenes, see gen_spatial_two)
+# shortens the plateau spatial relations sit on; multi_change was 62% at weight 0.5 and 86% and 100% at weight 1.
+# The runs behind each weight are in EXPERIMENTS.md.
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
-    "midtrain": {"text": 1, "multi_turn": 4, **{f: 2 / len(IMAGE_FAMILIES) for f in IMAGE_FAMILIES}, "multi_count": 0.5,
-                 "multi_change": 1, "video_dir": 0.2, "video_appear": 0.2, "spatial_two": 1.5},
+    "midtrain": {"text": 1, "multi_turn": 2, "caption": 3.5, "color": 4.25, "shape": 0.25, "count": 0.25, "size": 0.5,
+                 "spatial": 0.25, "spatial_pick": 0.25, "read": 0.1, "multi_count": 0.5, "multi_change": 1,
+                 "video_dir": 0.2, "video_appear": 0.2, "spatial_two": 0.5},
     "sft": {"text": 1, "multi_turn": 2, **{f: 3 / len(IMAGE_FAMILIES) for f in IMAGE_FAMILIES}, "multi_count": 0.5,
             "multi_change": 0.5, "video_dir": 0.5, "video_appear": 0.5, "spatial_two": 0.5},
 }

@@ -115,9 +115,11 @@ def changed(before, after):
 
 @pytest.mark.parametrize("stage", ["pretrain", "midtrain", "sft"])
 def test_stage_changes_exactly_its_parameters(tmp_path, neo_folder, stage):
-    """After a few steps of a stage, exactly the parameters set_trainable(stage) unfreezes have changed."""
+    """After a few steps of a stage, exactly the parameters set_trainable(stage) unfreezes have changed (the toy's
+    patch embedding LR is 0 after pretrain by default; here it is 0.1 in every stage, so that it moves too)."""
     out = str(tmp_path / "o")
-    run(TINY + [f"--stage={stage}", "--max_iters=3", f"--init_from={neo_folder}", f"--out_dir={out}"])
+    run(TINY + [f"--stage={stage}", "--max_iters=3", "--vision_lr_scale=0.1", f"--init_from={neo_folder}",
+                f"--out_dir={out}"])
     before = NEO.from_pretrained(neo_folder)
     after = NEO.from_pretrained(os.path.join(out, stage))
     set_trainable(before, stage)
@@ -129,17 +131,18 @@ def test_stage_changes_exactly_its_parameters(tmp_path, neo_folder, stage):
 
 
 def test_vision_lr_scale(tmp_path, neo_folder):
-    """The patch embedding's LR is the scheduled LR times vision_lr_scale (0.1 for the toy): at 0 it stays put
-    while everything else trains; the toy default is 0.1, full-scale presets 1."""
+    """The patch embedding's LR is the scheduled LR times vision_lr_scale: the toy's default is 0.1 in pretrain
+    and 0 after it, so a default midtrain leaves it put while everything else trains; full-scale presets 1."""
     out = str(tmp_path / "o")
-    run(TINY + ["--stage=midtrain", "--max_iters=2", "--vision_lr_scale=0", f"--init_from={neo_folder}",
-                f"--out_dir={out}"])
+    run(TINY + ["--stage=midtrain", "--max_iters=2", f"--init_from={neo_folder}", f"--out_dir={out}"])
     before = dict(NEO.from_pretrained(neo_folder).named_parameters())
     after = dict(NEO.from_pretrained(os.path.join(out, "midtrain")).named_parameters())
     vision = {k for k in before if k.startswith("vision.")}
     assert len(vision) == 4 and changed(before, after) == set(before) - vision
-    assert train.vision_lr_scale(train.parse_config([])) == 0.1
-    assert train.vision_lr_scale(train.parse_config(["--model=neo-2b"])) == 1.0
+    toy, big = train.parse_config([]), train.parse_config(["--model=neo-2b"])
+    assert [train.vision_lr_scale(toy, s) for s in ("pretrain", "midtrain", "sft")] == [0.1, 0.0, 0.0]
+    assert [train.vision_lr_scale(big, s) for s in ("pretrain", "midtrain", "sft")] == [1.0, 1.0, 1.0]
+    assert train.vision_lr_scale(train.parse_config(["--vision_lr_scale=0.5"]), "sft") == 0.5
 
 def test_llm_then_pretrain_hand_over(tmp_path):
     """llm saves a Qwen3 folder; pretrain starts from it with a fresh Pre-Buffer and leaves the LLM as it was."""
