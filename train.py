@@ -2,19 +2,19 @@
 Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
 One flat file: config, setup, data, then one training loop that every stage runs through.
 
-    python train.py                                   # whole toy pipeline on ShapesWorld (~6 min, 2-core AMX Xeon)
+    python train.py                                   # whole toy pipeline on ShapesWorld (~11 min, 2-core AMX Xeon)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
     python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
-    python train.py --ablate=True --iters_scale=0.5   # Native-RoPE / mixed mask / Pre-Buffer ablation table
+    python train.py --ablate=True --iters_scale=0.25  # Native-RoPE / mixed mask / Pre-Buffer ablation table
     python train.py my_config.py --learning_rate=1e-3 # a config file first, then overrides
     torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --model=neo-2b \\
         --init_from=/path/Qwen3-1.7B-Base --data=ann.jsonl --image_root=/path/images
     torchrun --standalone --nproc_per_node=8 train.py --stage=midtrain --model=neo-9b --fsdp=True ...
 
 Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
-Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything) -> sft
-(everything, conversations). `--stage=all` runs them in order, each from the previous one's folder.
+Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything; the toy keeps its
+patch embedding frozen) -> sft (the same, conversations). `--stage=all` runs them in order, each from the previous one's folder.
 """
 import json
 import math
