@@ -14,7 +14,8 @@ One flat file: config, setup, data, then one training loop that every stage runs
 
 Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
 Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything; the toy keeps its
-patch embedding frozen) -> sft (the same, conversations). `--stage=all` runs them in order, each from the previous one's folder.
+patch embedding frozen) -> sft (the same, conversations). `--stage=all` runs them in order, each from the
+previous one's folder.
 """
 import json
 import math
@@ -115,7 +116,7 @@ FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpoint
 # The toy's steps were doubled (llm 200 -> 400, pretrain 300 -> 600, midtrain 720 -> 1440, sft 60 -> 120) once the
 # patch embedding was frozen after pretrain: at the old counts colour needs 150-300 colour-only steps' worth of
 # midtrain, depending on the pretrain checkpoint, and captions ~400, more than 720 mixed steps hold (two runs:
-# colour 76 and 72, caption 68 and 85); doubled, caption 93, colour 99 (EXPERIMENTS.md).
+# colour 76 and 72, caption 68 and 85); doubled, caption 93 and 89, colour 99 and 100 (EXPERIMENTS.md).
 # The llm stage was raised from 80 steps for robustness: at 80 its held-out text was 92% with seed 1337 but 59%
 # with seed 7, and that seed's run then failed shape (36%) and size (31%); at 200, 97% and 80%.
 STAGES = {
