@@ -116,7 +116,7 @@ FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpoint
 # The toy's steps were doubled (llm 200 -> 400, pretrain 300 -> 600, midtrain 720 -> 1440, sft 60 -> 120) once the
 # patch embedding was frozen after pretrain: at the old counts colour needs 150-300 colour-only steps' worth of
 # midtrain, depending on the pretrain checkpoint, and captions ~400, more than 720 mixed steps hold (two runs:
-# colour 76 and 72, caption 68 and 85); doubled, caption 93 and 89, colour 99 and 100 (EXPERIMENTS.md).
+# colour 76 and 72, caption 68 and 85); doubled, caption 93 / 89 / 91, colour 99 / 100 / 76 (EXPERIMENTS.md).
 # The llm stage was raised from 80 steps for robustness: at 80 its held-out text was 92% with seed 1337 but 59%
 # with seed 7, and that seed's run then failed shape (36%) and size (31%); at 200, 97% and 80%.
 STAGES = {
