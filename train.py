@@ -2,7 +2,7 @@
 Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
 One flat file: config, setup, data, then one training loop that every stage runs through.
 
-    python train.py                                   # whole toy pipeline on ShapesWorld (~11 min, 2-core AMX Xeon)
+    python train.py                                   # whole toy pipeline on ShapesWorld (~10 min, 2-core AMX Xeon)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
     python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
