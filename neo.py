@@ -586,14 +586,15 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
 def set_trainable(model, stage):
     """requires_grad per stage (DESIGN.md §6). pretrain: exactly the patch embedding, every Pre-Buffer
     layer, and the H/W q/k projections and norms of every layer (the released code got this wrong,
-    DESIGN §8). midtrain/sft: everything. llm (toy only): the text model alone, without the H/W parts."""
+    DESIGN §8). midtrain/sft (and the toy's spatial): everything. llm (toy only): the text model alone,
+    without the H/W parts."""
     for name, p in model.named_parameters():
         hw = any(f".self_attn.{h}." in name for h in HW_NAMES)
         if stage == "pretrain":
             p.requires_grad = name.startswith(("vision.", "pre_buffer.")) or hw
-        elif stage in ("midtrain", "sft"):
+        elif stage in ("midtrain", "spatial", "sft"):
             p.requires_grad = True
         elif stage == "llm":
             p.requires_grad = not (name.startswith(("vision.", "pre_buffer.")) or hw)
         else:
-            raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain or sft")
+            raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain, spatial or sft")

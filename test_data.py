@@ -347,19 +347,28 @@ def test_shapes_answers_match_pixels():
         assert ex["images"] == [] and ex["turns"][0][1]
 
 
-def test_spatial_two_matches_pixels():
+FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}  # how much of its bounding box each shape fills
+
+
+def shapes_found(img):
+    """[(shape, x, y)] of the blobs drawn, each shape told apart by how much of its bounding box it fills."""
+    out = []
+    for ys, xs in blobs(img):
+        ratio = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        out.append((min(FILL, key=lambda s: abs(FILL[s] - ratio)), (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2))
+    return out
+
+
+@pytest.mark.parametrize("family,n_answers", [("spatial_two", 7), ("spatial_yn_two", 4)])
+def test_spatial_two_matches_pixels(family, n_answers):
     """The training-only two-object relations: exactly two blobs, and the answer agrees with where the named
-    shapes are drawn (each shape found from how much of its bounding box it fills), both forms, balanced."""
+    shapes are drawn, both forms (spatial_two) or the yes/no form alone (spatial_yn_two), balanced."""
     w, answers = data.ShapesWorld(), Counter()
-    fill = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
     for i in range(400):
-        ex = w.example(i, "spatial_two")
+        ex = w.example(i, family)
         (q, a), = ex["turns"]
         q = q.removeprefix("<image>")
-        found = {}
-        for ys, xs in blobs(ex["images"][0]):
-            ratio = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-            found[min(fill, key=lambda s: abs(fill[s] - ratio))] = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2)
+        found = {s: (x, y) for s, x, y in shapes_found(ex["images"][0])}
         assert len(found) == 2, (i, q, found)
         n1, n2 = re.findall(r"the (circle|square|triangle)", q)
         k = 0 if ("left" in q.split(",")[0] or "right" in q.split(",")[0]) else 1  # axis the question asks about
@@ -371,9 +380,23 @@ def test_spatial_two_matches_pixels():
             want = lo if ("further left" in q or "higher" in q) else hi
         assert a == want, (i, q, a, found)
         answers[a] += 1
-    assert len(answers) == 7, answers  # left/right/above/below and the three shapes
+    assert len(answers) == n_answers, answers  # left/right/above/below (and the three shapes)
     for x, y in (("left", "right"), ("above", "below")):  # balanced within an axis: a blind guess gets half
         assert 0.5 < answers[x] / answers[y] < 2, answers
+
+
+def test_caption_rows_match_pixels():
+    """The training-only top-to-bottom caption names every blob drawn, in the order of their rows."""
+    w, lengths = data.ShapesWorld(), Counter()
+    for i in range(200):
+        ex = w.example(i, "caption_rows")
+        (q, a), = ex["turns"]
+        assert q == "<image>Describe the image from top to bottom."
+        found = sorted(shapes_found(ex["images"][0]), key=lambda f: f[2])
+        assert [s for s, _, _ in found] == [item.split()[-1] for item in a.split(", ")], (i, a, found)
+        assert all(y1 - y0 >= 8 for (_, _, y0), (_, _, y1) in zip(found, found[1:])), (i, found)
+        lengths[len(found)] += 1
+    assert set(lengths) == {1, 2, 3, 4}, lengths
 
 
 def template(q):
@@ -414,6 +437,12 @@ def test_stage_mixtures_and_eval():
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
     assert set(fams["midtrain"]) == set(data.FAMILIES) | {"multi_turn", "spatial_two"}
     assert "multi_turn" in fams["sft"]
+    assert set(fams["spatial"]) == {"spatial_yn_two"}
+    # --spatial_curriculum: its weights are added to a stage's mixture (or replace one, as sft's spatial)
+    cur = {s: Counter(data.ShapesWorld(s, extra=data.SPATIAL_CURRICULUM[s]).example(i)["family"] for i in range(600))
+           for s in ("pretrain", "sft")}
+    assert set(cur["pretrain"]) == {"caption", "caption_rows", "text"} and 0.15 < cur["pretrain"]["caption_rows"] / 600 < 0.3
+    assert cur["sft"]["spatial"] / 600 > 2 * fams["sft"]["spatial"] / 300 and "spatial_yn_two" in cur["sft"]
     val = data.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)
     assert len(prompts) == 3 * len(data.FAMILIES)

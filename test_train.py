@@ -113,7 +113,7 @@ def changed(before, after):
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "midtrain", "sft"])
+@pytest.mark.parametrize("stage", ["pretrain", "midtrain", "spatial", "sft"])
 def test_stage_changes_exactly_its_parameters(tmp_path, neo_folder, stage):
     """After a few steps of a stage, exactly the parameters set_trainable(stage) unfreezes have changed (the toy's
     patch embedding LR is 0 after pretrain by default; here it is 0.1 in every stage, so that it moves too)."""
@@ -140,9 +140,33 @@ def test_vision_lr_scale(tmp_path, neo_folder):
     vision = {k for k in before if k.startswith("vision.")}
     assert len(vision) == 4 and changed(before, after) == set(before) - vision
     toy, big = train.parse_config([]), train.parse_config(["--model=neo-2b"])
-    assert [train.vision_lr_scale(toy, s) for s in ("pretrain", "midtrain", "sft")] == [0.1, 0.0, 0.0]
+    assert [train.vision_lr_scale(toy, s) for s in ("pretrain", "midtrain", "spatial", "sft")] == [0.1, 0, 0, 0]
     assert [train.vision_lr_scale(big, s) for s in ("pretrain", "midtrain", "sft")] == [1.0, 1.0, 1.0]
     assert train.vision_lr_scale(train.parse_config(["--vision_lr_scale=0.5"]), "sft") == 0.5
+
+def test_toy_only_stages():
+    """llm and spatial are the toy's own steps: at full scale they are refused with a line that says what to do,
+    and the paper's stages have the paper's recipe (DESIGN §6)."""
+    big = train.parse_config(["--model=neo-2b"])
+    for stage, words in (("llm", "--init_from=/path/Qwen3"), ("spatial", "pretrain, midtrain, sft")):
+        with pytest.raises(train.ConfigError, match=words):
+            train.stage_recipe(big, stage)
+    assert [train.stage_recipe(big, s)[0] for s in ("pretrain", "midtrain", "sft")] == [8e-4, 5e-5, 5e-5]
+    p = run(["--model=neo-2b", "--stage=spatial", "--init_from=nowhere"], check=False)
+    assert p.returncode == 2 and "toy-only" in p.stderr, p.stderr
+    with pytest.raises(train.ConfigError, match="spatial_curriculum"):
+        train.parse_config(["--model=neo-2b", "--spatial_curriculum=True"])
+
+
+def test_spatial_curriculum_runs_its_stage(tmp_path):
+    """--spatial_curriculum=True puts the spatial stage between midtrain and sft, and sft starts from it."""
+    out = str(tmp_path / "o")
+    p = run(TINY + ["--max_iters=1", "--spatial_curriculum=True", f"--out_dir={out}", "--eval_samples=1",
+                    "--blind=False"])
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert [s["stage"] for s in ev["stages"]] == ["llm", "pretrain", "midtrain", "spatial", "sft"]
+    assert f"from {os.path.join(out, 'spatial')}" in p.stdout, p.stdout[-2000:]
+
 
 def test_llm_then_pretrain_hand_over(tmp_path):
     """llm saves a Qwen3 folder; pretrain starts from it with a fresh Pre-Buffer and leaves the LLM as it was."""

@@ -14,8 +14,8 @@ One flat file: config, setup, data, then one training loop that every stage runs
 
 Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
 Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything; the toy keeps its
-patch embedding frozen) -> sft (the same, conversations). `--stage=all` runs them in order, each from the
-previous one's folder.
+patch embedding frozen) -> spatial (toy only: yes/no spatial questions alone, a curriculum step) -> sft (the
+same as midtrain, conversations). `--stage=all` runs them in order, each from the previous one's folder.
 """
 import json
 import math
@@ -41,7 +41,8 @@ from neo import NEO, NEOConfig, PRESETS, set_trainable
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "all"            # llm|pretrain|midtrain|sft|all (all = the four in order)
+    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all = in that order; llm and
+    #                               spatial are the toy's own, full scale runs pretrain|midtrain|sft)
     model: str = "toy"            # NEOConfig preset: toy|neo-2b|neo-9b
     init_from: str = ""           # '' = the previous stage's folder in out_dir (llm: scratch); else a Qwen3
     #                               folder, a released NEO folder, or one of ours (folder or ckpt.pt)
@@ -71,6 +72,9 @@ class TrainConfig:
     warmup_iters: int = -1
     vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = toy 0.1 in pretrain, 0 after;
     #                               full scale 1 (why: see vision_lr_scale())
+    spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
+    #                               stage, more relation questions in sft; data.SPATIAL_CURRICULUM says why).
+    #                               The long command turns it on; at the default budget it cost captions.
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
@@ -125,8 +129,10 @@ STAGES = {
     "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600)),
     "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440)),
     "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 120)),
+    "spatial":  dict(paper=None,                          toy=(2e-3, 0.1, 20, 150)),  # --spatial_curriculum
 }
-ORDER = ["llm", "pretrain", "midtrain", "sft"]
+ORDER = ["llm", "pretrain", "midtrain", "spatial", "sft"]
+PAPER_ORDER = [s for s in ORDER if STAGES[s]["paper"]]  # full scale: llm and spatial are the toy's own
 
 
 class ConfigError(ValueError):
@@ -191,13 +197,15 @@ def parse_config(argv):
         raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
     base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
     cfg = TrainConfig(**{**base, **given})
-    checks = [("stage", cfg.stage in ORDER + ["all"], "llm|pretrain|midtrain|sft|all"),
+    checks = [("stage", cfg.stage in ORDER + ["all"], "|".join(ORDER + ["all"])),
               ("rope", cfg.rope in ("native", "1d"), "native|1d"),
               ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
               ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
               ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
               ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
-              ("log_interval", cfg.log_interval >= 1, ">= 1")]
+              ("log_interval", cfg.log_interval >= 1, ">= 1"),
+              ("spatial_curriculum", not cfg.spatial_curriculum or (cfg.model == "toy" and cfg.data == "shapes"),
+               "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)")]
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
@@ -207,10 +215,15 @@ def parse_config(argv):
 def stage_recipe(cfg, stage):
     """(lr, min_lr_ratio, warmup, iters) of a stage: the recipe, with the command line's overrides."""
     rec = STAGES[stage]["toy" if cfg.model == "toy" else "paper"]
-    if rec is None:
+    if rec is None and stage == "llm":
         raise ConfigError("the llm stage is the toy's stand-in for a pretrained Qwen3: use --model=toy, "
                           "or start from one with --stage=pretrain --init_from=/path/Qwen3")
+    if rec is None:
+        raise ConfigError(f"the {stage} stage is a toy-only curriculum step: use --model=toy, or one of "
+                          f"{', '.join(PAPER_ORDER)} at full scale")
     lr, ratio, warm, iters = rec
+    if stage == "sft" and cfg.spatial_curriculum:  # sft brings back what the spatial stage's questions pushed out:
+        lr = 1e-3  # long command, 480 steps: caption 90 -> 97, colour 78 -> 91, multi_change 53 -> 77 over 3e-4
     iters = cfg.max_iters or max(1, round(iters * cfg.iters_scale))
     return (cfg.learning_rate or lr, ratio if cfg.min_lr_ratio < 0 else cfg.min_lr_ratio,
             min(warm, iters // 5) if cfg.warmup_iters < 0 else cfg.warmup_iters, iters)
@@ -367,7 +380,8 @@ def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
     """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
     if cfg.data == "shapes":
         source = data.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
-                                  max_pixels=mcfg.max_pixels, seed=seed)
+                                  max_pixels=mcfg.max_pixels, seed=seed,
+                                  extra=data.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
     else:
         source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
                                    max_pixels=mcfg.max_pixels, stage=stage)
@@ -519,7 +533,8 @@ def draw_loss_curve(history, path):
     for k in range(5):
         y = lo + (hi - lo) * k / 4
         d.text((4, Y(y) - 6), f"{y:.2f}", fill="black")
-    colours = {"llm": (90, 90, 90), "pretrain": (200, 60, 60), "midtrain": (50, 110, 200), "sft": (40, 160, 80)}
+    colours = {"llm": (90, 90, 90), "pretrain": (200, 60, 60), "midtrain": (50, 110, 200), "spatial": (150, 90, 180),
+               "sft": (40, 160, 80)}
     for s in colours:
         pts = [(X(x), Y(y)) for st, x, y in history if st == s]
         if len(pts) > 1:
@@ -612,7 +627,7 @@ def run_stage(cfg, stage, init, env, state):
         raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
                           f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
     accum = cfg.grad_accum // world
-    loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + ORDER.index(stage))
+    loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + list(STAGES).index(stage))
     step = 0
     if resume is not None:
         loader.load_state_dict(resume["data_state"])
@@ -805,7 +820,7 @@ ABLATIONS = [
 
 def ablate(cfg, argv):
     """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
-    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
+    for every row), then pretrain -> midtrain -> spatial -> sft once per row of ABLATIONS from it, same seed and budget.
     Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
     root = os.path.join(cfg.out_dir, "ablation")
     keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
@@ -880,9 +895,10 @@ def main(argv=None):
     if cfg.ablate:
         return ablate(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    stages = ORDER if cfg.stage == "all" else [cfg.stage]
-    if cfg.stage == "all" and (cfg.init_from or cfg.model != "toy"):
-        stages = ORDER[1:]  # the LLM is given (a Qwen3 folder or a NEO): no toy llm stage
+    order = PAPER_ORDER if cfg.model != "toy" else [s for s in ORDER if s != "spatial" or cfg.spatial_curriculum]
+    stages = order if cfg.stage == "all" else [cfg.stage]
+    if cfg.stage == "all" and cfg.init_from:
+        stages = order[1:] if order[0] == "llm" else order  # the LLM is given (a Qwen3 folder or a NEO)
     peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) if "cuda" in device else
             measure_cpu_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, 0.5))
     state = {"history": [], "evals": [], "step0": 0, "peak": peak, "t0": time.perf_counter(),
@@ -907,8 +923,8 @@ def main(argv=None):
     for i, stage in enumerate(stages):
         if i > 0:  # each stage starts from the one before it
             init = os.path.join(cfg.out_dir, stages[i - 1])
-        elif not init and stage != "llm":  # a single stage: from the previous stage's folder in out_dir
-            prev = os.path.join(cfg.out_dir, ORDER[ORDER.index(stage) - 1])
+        elif not init and stage != "llm" and stage in order:  # a single stage: from the previous stage's
+            prev = os.path.join(cfg.out_dir, order[order.index(stage) - 1])   # folder in out_dir
             init = prev if os.path.isdir(prev) else ""
         try:
             folder = run_stage(cfg, stage, init, env, state)
