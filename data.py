@@ -749,12 +749,12 @@ def gen_text(rng):
                  f"first or the second?", "first" if x > y else "second")]
 
 
-GENERATORS = {"caption": gen_caption, "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape, "count": gen_count,
-              "spatial": gen_spatial, "spatial_pick": gen_spatial_pick, "spatial_two": gen_spatial_two,
-              "spatial_yn_two": gen_spatial_yn_two,
-              "size": gen_size, "read": gen_read, "multi_count": gen_multi_count,
-              "multi_change": gen_multi_change, "video_dir": gen_video_dir, "video_appear": gen_video_appear,
-              "multi_turn": gen_multi_turn, "text": gen_text}
+GENERATORS = {"caption": gen_caption, "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape,
+              "count": gen_count, "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
+              "spatial_two": gen_spatial_two, "spatial_yn_two": gen_spatial_yn_two, "size": gen_size,
+              "read": gen_read, "multi_count": gen_multi_count, "multi_change": gen_multi_change,
+              "video_dir": gen_video_dir, "video_appear": gen_video_appear, "multi_turn": gen_multi_turn,
+              "text": gen_text}
 
 
 class ShapesWorld:

@@ -355,7 +355,8 @@ def shapes_found(img):
     out = []
     for ys, xs in blobs(img):
         ratio = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-        out.append((min(FILL, key=lambda s: abs(FILL[s] - ratio)), (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2))
+        shape = min(FILL, key=lambda s: abs(FILL[s] - ratio))
+        out.append((shape, (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2))
     return out
 
 
@@ -441,7 +442,8 @@ def test_stage_mixtures_and_eval():
     # --spatial_curriculum: its weights are added to a stage's mixture (or replace one, as sft's spatial)
     cur = {s: Counter(data.ShapesWorld(s, extra=data.SPATIAL_CURRICULUM[s]).example(i)["family"] for i in range(600))
            for s in ("pretrain", "sft")}
-    assert set(cur["pretrain"]) == {"caption", "caption_rows", "text"} and 0.15 < cur["pretrain"]["caption_rows"] / 600 < 0.3
+    assert set(cur["pretrain"]) == {"caption", "caption_rows", "text"}
+    assert 0.15 < cur["pretrain"]["caption_rows"] / 600 < 0.3
     assert cur["sft"]["spatial"] / 600 > 2 * fams["sft"]["spatial"] / 300 and "spatial_yn_two" in cur["sft"]
     val = data.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)

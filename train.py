@@ -4,6 +4,7 @@ One flat file: config, setup, data, then one training loop that every stage runs
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~10 min, 2-core AMX Xeon)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
+    python train.py --iters_scale=4 --spatial_curriculum=True  # the long run: spatial relations too (~56 min)
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
     python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
     python train.py --ablate=True --iters_scale=0.25  # Native-RoPE / mixed mask / Pre-Buffer ablation table
