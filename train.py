@@ -15,8 +15,8 @@ One flat file: config, setup, data, then one training loop that every stage runs
 
 Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
 Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything; the toy keeps its
-patch embedding frozen) -> spatial (toy only: yes/no spatial questions alone, a curriculum step) -> sft (the
-same as midtrain, conversations). `--stage=all` runs them in order, each from the previous one's folder.
+patch embedding frozen) -> spatial (toy only, with --spatial_curriculum: yes/no spatial questions alone) -> sft
+(the same as midtrain, conversations). `--stage=all` runs them in order, each from the previous one's folder.
 """
 import json
 import math
@@ -42,8 +42,8 @@ from neo import NEO, NEOConfig, PRESETS, set_trainable
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all = in that order; llm and
-    #                               spatial are the toy's own, full scale runs pretrain|midtrain|sft)
+    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all = in that order, spatial only
+    #                               with --spatial_curriculum; full scale runs pretrain|midtrain|sft)
     model: str = "toy"            # NEOConfig preset: toy|neo-2b|neo-9b
     init_from: str = ""           # '' = the previous stage's folder in out_dir (llm: scratch); else a Qwen3
     #                               folder, a released NEO folder, or one of ours (folder or ckpt.pt)
@@ -628,6 +628,8 @@ def run_stage(cfg, stage, init, env, state):
         raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
                           f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
     accum = cfg.grad_accum // world
+    # each stage its own data seed, by its place in STAGES (spatial is last there, so the default's stages draw
+    # the same samples as before the spatial stage existed)
     loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + list(STAGES).index(stage))
     step = 0
     if resume is not None:
@@ -821,7 +823,7 @@ ABLATIONS = [
 
 def ablate(cfg, argv):
     """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
-    for every row), then pretrain -> midtrain -> spatial -> sft once per row of ABLATIONS from it, same seed and budget.
+    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
     Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
     root = os.path.join(cfg.out_dir, "ablation")
     keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
