@@ -900,8 +900,8 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     order = PAPER_ORDER if cfg.model != "toy" else [s for s in ORDER if s != "spatial" or cfg.spatial_curriculum]
     stages = order if cfg.stage == "all" else [cfg.stage]
-    if cfg.stage == "all" and cfg.init_from:
-        stages = order[1:] if order[0] == "llm" else order  # the LLM is given (a Qwen3 folder or a NEO)
+    if cfg.stage == "all" and cfg.init_from:  # the LLM is given (a Qwen3 folder or a NEO): no toy llm stage
+        stages = [s for s in stages if s != "llm"]
     peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) if "cuda" in device else
             measure_cpu_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, 0.5))
     state = {"history": [], "evals": [], "step0": 0, "peak": peak, "t0": time.perf_counter(),
@@ -926,8 +926,9 @@ def main(argv=None):
     for i, stage in enumerate(stages):
         if i > 0:  # each stage starts from the one before it
             init = os.path.join(cfg.out_dir, stages[i - 1])
-        elif not init and stage != "llm" and stage in order:  # a single stage: from the previous stage's
-            prev = os.path.join(cfg.out_dir, order[order.index(stage) - 1])   # folder in out_dir
+        elif not init and stage != "llm":  # a single stage: from the previous stage's folder in out_dir
+            seq = order if stage in order else ORDER  # (--stage=spatial alone: after midtrain)
+            prev = os.path.join(cfg.out_dir, seq[seq.index(stage) - 1])
             init = prev if os.path.isdir(prev) else ""
         try:
             folder = run_stage(cfg, stage, init, env, state)
