@@ -425,13 +425,15 @@ class NEO(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # train.py turns this on at full scale
-        self.init_weights()
+        if not self.lm_head.weight.is_meta:  # checkpoint.load builds on the meta device and fills in weights
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, modules=None):
         """The one place weights are initialised: every Linear, Conv and Embedding weight N(0, 0.02),
-        biases 0, norm scales 1 (DESIGN.md §5, as the authors initialise the Pre-Buffer)."""
-        for m in self.modules():
+        biases 0, norm scales 1 (DESIGN.md §5, as the authors initialise the Pre-Buffer).
+        modules: only these (checkpoint.load: the parts a Qwen3 folder lacks); default all."""
+        for m in self.modules() if modules is None else modules:
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
@@ -565,11 +567,12 @@ class NEO(nn.Module):
         checkpoint.save_pretrained(self, out_dir, layout)
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
+    def from_pretrained(cls, path, dtype=None, **overrides):
         """A released NEO folder, a Qwen3 folder (it becomes the Post-LLM behind fresh Pre-Buffer layers), or
-        our ckpt.pt. Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+        our ckpt.pt, with parameters in `dtype` (None: the checkpoint's own). Strict: a missing, unexpected or
+        mis-shaped tensor is an error naming it."""
         import checkpoint
-        return checkpoint.load(path, **overrides)
+        return checkpoint.load(path, dtype, **overrides)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, generator=None):
