@@ -1,19 +1,23 @@
 """
 Checkpoints in the authors' layout (DESIGN.md §7): the name map between our parameters and a released NEO
-or a Qwen3 checkpoint, config.json both ways, and strict safetensors loading. neo.py's NEO.from_pretrained
-and save_pretrained call in here; nothing here is model math.
+or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the model is built on the meta
+device (no random init) and each tensor is read, cast and assigned on its own, so loading needs about the
+weights' size in memory. neo.py's NEO.from_pretrained and save_pretrained call in here; nothing here is model math.
 
-    model = NEO.from_pretrained("/path/NEO1_0-2B-SFT")                 # a released NEO folder
+    model = NEO.from_pretrained("/path/NEO1_0-2B-SFT")                 # a released NEO folder, in its bf16
+    model = NEO.from_pretrained("/path/NEO1_0-2B-SFT", dtype=torch.float32)  # float32 weights, as for training
     model = NEO.from_pretrained("/path/Qwen3-1.7B", n_pre_layers=12)   # a Qwen3 becomes the Post-LLM
     model.save_pretrained("my_neo")                                     # loadable by the authors' code
 """
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, fields
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from neo import HW_NAMES, NEO, PRESETS, NEOConfig
 
@@ -64,42 +68,48 @@ def save_pretrained(model, out_dir, layout="neo"):
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # atomic: never a half-written file
 
 
-def load(path, **overrides):
+def load(path, dtype=None, **overrides):
     """Load (a) a released NEO folder, (b) a Qwen3 folder (it becomes the Post-LLM; n_pre_layers new
     Pre-Buffer layers go in front; H/W projections per DESIGN §5), or (c) our ckpt.pt (a file, or a
-    folder holding one). Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    folder holding one), with parameters in `dtype` (None: the checkpoint's own). Strict: a missing,
+    unexpected or mis-shaped tensor is an error naming it."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
             and os.path.exists(os.path.join(path, "ckpt.pt")):
         path = os.path.join(path, "ckpt.pt")
     if os.path.isfile(path):  # (c) our training checkpoint: tensors and plain containers only
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            model, tensors = NEO(NEOConfig(**{**ckpt["model_config"], **overrides})), ckpt["model"]
+        try:  # mmap: only the model's tensors are ever read, not the optimizer state saved beside them
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            cfg, tensors = NEOConfig(**{**ckpt["model_config"], **overrides}), ckpt["model"]
+            header = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
         except Exception as e:
             raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
-        copy_strict(model, tensors, {k: k for k in model.state_dict()}, path)
-        return model
+        model = empty_model(cfg)
+        return assign_strict(model, header, tensors.__getitem__, {k: k for k in model.state_dict()}, path, dtype)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
-    tensors = read_safetensors(path)
+    header, read = read_safetensors(path)
     if hf.get("model_type") != "qwen3":  # (a)
-        model = NEO(from_hf_config(hf, **overrides))
-        copy_strict(model, tensors, ckpt_names(model, "neo"), path)
-        return model
+        model = empty_model(from_hf_config(hf, **overrides))
+        return assign_strict(model, header, read, ckpt_names(model, "neo"), path, dtype)
     # (b) sizes from the Qwen3 config; vision and NEO sizes from the preset of that LLM, or overrides
     base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
                                          "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
-    model = NEO(NEOConfig(**{**base, **dict(
+    model = empty_model(NEOConfig(**{**base, **dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
         n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
         head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
         d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
         tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides}))
-    copy_strict(model, tensors, ckpt_names(model, "qwen3"), path)  # the rest keeps its fresh init
+    assign_strict(model, header, read, ckpt_names(model, "qwen3"), path, dtype)  # the rest: init_weights
     model.init_hw_from_t()
     return model
+
+
+def empty_model(cfg):
+    with torch.device("meta"):  # no random init and no memory: every tensor comes from the file or init_weights
+        return NEO(cfg)
 
 
 def to_hf_config(cfg):
@@ -156,6 +166,8 @@ def from_hf_config(hf, **overrides):
 
 
 def read_safetensors(path):
+    """-> header {name: (shape, dtype)} from the files' headers, and read(name) -> that tensor. Data is read
+    only by read(); each call maps its file anew, so a tensor's file pages leave memory with the tensor."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -164,27 +176,57 @@ def read_safetensors(path):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    out = {}
-    for fn in files:
+    header, where = {}, {}
+    for fn in (os.path.join(path, fn) for fn in files):
         try:
-            out.update(load_file(os.path.join(path, fn)))
+            with safe_open(fn, framework="pt") as f:
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    header[k], where[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype())), fn
         except Exception as e:
-            raise ValueError(f"{os.path.join(path, fn)}: unreadable safetensors file ({e})") from None
-    return out
+            raise ValueError(f"{fn}: unreadable safetensors file ({e})") from None
+
+    def read(name):
+        with safe_open(where[name], framework="pt") as f:
+            return f.get_tensor(name)
+    return header, read
 
 
-def copy_strict(model, tensors, names, path):
-    """Copy checkpoint tensors into the model. names: our name -> checkpoint name. Every checkpoint tensor
-    must be wanted, every wanted one present and of the right shape: no silent random init."""
-    missing = sorted(set(names.values()) - set(tensors))
-    unexpected = sorted(set(tensors) - set(names.values()))
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def assign_strict(model, header, read, names, path, dtype=None):
+    """Fill a meta-device model from a checkpoint: header (checkpoint name -> (shape, dtype)) is checked before
+    any data is read, then read(name) gives each tensor, cast to dtype (None: the checkpoint's; float32 if it
+    mixes dtypes) one at a time. names: our name -> checkpoint name. Every checkpoint tensor must be wanted,
+    every wanted one present, float and of the right shape: no silent random init. Parameters the checkpoint
+    does not hold (a Qwen3 folder's new parts) are initialised by init_weights."""
+    missing = sorted(set(names.values()) - set(header))
+    unexpected = sorted(set(header) - set(names.values()))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
     own = model.state_dict()
-    with torch.no_grad():
-        for k, name in names.items():
-            if tuple(tensors[name].shape) != tuple(own[k].shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(own[k].shape)}")
-            own[k].copy_(tensors[name])
+    for k, name in names.items():
+        shape, dt = header[name]
+        if shape != tuple(own[k].shape):
+            raise ValueError(f"{path}: {name} has shape {shape}, expected {tuple(own[k].shape)}")
+        if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise ValueError(f"{path}: {name} has dtype {dt}, expected a float")
+    dts = {header[name][1] for name in names.values()}
+    dtype = dtype or (dts.pop() if len(dts) == 1 else torch.float32)
+    tied = model.cfg.tie_word_embeddings
+    # copy: parameters own their memory, and each tensor's file pages are let go once it is copied. Largest
+    # first: that one-tensor overhead then comes when little else is loaded, so the peak stays near the weights
+    sd = {k: read(names[k]).to(dtype, copy=True) for k in sorted(names, key=lambda k: -own[k].numel())
+          if not (tied and k == "lm_head.weight")}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if tied:  # assign gave embed_tokens a new Parameter; lm_head must be that same one again
+        model.lm_head.weight = model.embed_tokens.weight
+    fresh = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+    if fresh:  # a Qwen3 folder: the Pre-Buffer, the patch embedding and the H/W parts are new
+        for m in fresh:
+            m.to_empty(device="cpu", recurse=False).to(dtype)
+        model.init_weights(fresh)
+    return model

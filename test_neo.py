@@ -230,6 +230,47 @@ def test_strict_loading_errors(tmp_path):
         NEO.from_pretrained(str(tmp_path / "ckpt.pt"))
 
 
+def test_bf16_folder_loads_as_bf16_and_tied(tmp_path):
+    """A bf16 folder gives bf16 parameters (not a float32 detour), and a tied lm_head is embed_tokens itself."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    back = NEO.from_pretrained(str(tmp_path / "m"))
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    head, emb = back.lm_head.weight, back.embed_tokens.weight
+    assert head is emb and head.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()
+
+
+def test_load_casts_to_requested_dtype(tmp_path):
+    """dtype=bfloat16 on a float32 folder or ckpt.pt gives exactly the cast weights."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg(tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, tmp_path / "ckpt.pt")
+    for path in (tmp_path / "m", tmp_path / "ckpt.pt"):
+        back = NEO.from_pretrained(str(path), dtype=torch.bfloat16)
+        for k, v in model.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16)), (path, k)
+
+
+def test_full_checkpoint_runs_no_random_init(tmp_path, monkeypatch):
+    """A released NEO folder and our ckpt.pt are built on the meta device: init_weights never runs."""
+    from dataclasses import asdict
+    model = NEO(tiny_cfg())
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, tmp_path / "ckpt.pt")
+
+    def no_init(self, modules=None):
+        raise AssertionError("random init while loading a full checkpoint")
+    monkeypatch.setattr(NEO, "init_weights", no_init)
+    for path in (tmp_path / "m", tmp_path / "ckpt.pt"):
+        back = NEO.from_pretrained(str(path))
+        assert not any(p.is_meta for p in back.parameters())
+        assert back.lm_head.weight is back.embed_tokens.weight
+
+
 def qwen3_reference(sd, hf, ids):
     """A plain Qwen3 forward written independently of neo.py: causal, 1-D RoPE, q/k norm, GQA."""
     D, nh, nkv, eps = hf["head_dim"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["rms_norm_eps"]
@@ -310,6 +351,28 @@ def test_qwen3_init(tmp_path):
         with torch.no_grad():
             ours, _ = model0(ids[None])
         assert (ours[0] - qwen3_reference(sd, hf, ids)).abs().max().item() < 1e-4
+
+
+def test_qwen3_new_parts_follow_init_rule(tmp_path, monkeypatch):
+    """A bf16 Qwen3 folder: the LLM keeps bf16, the new parts (and only they) get init_weights' rule, in bf16;
+    dtype=float32 (train.py) gives float32 throughout."""
+    from safetensors.torch import save_file
+    _, sd = write_qwen3(tmp_path / "q", tie=True)
+    save_file({k: v.bfloat16() for k, v in sd.items()}, tmp_path / "q" / "model.safetensors")
+    seen, init = [], NEO.init_weights
+    monkeypatch.setattr(NEO, "init_weights", lambda self, modules=None: seen.extend(modules) or init(self, modules))
+    model = NEO.from_pretrained(str(tmp_path / "q"), n_pre_layers=2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.post_llm[0].self_attn.q_proj not in seen and model.embed_tokens not in seen
+    assert model.vision.patch_embedding in seen and model.post_llm[1].self_attn.k_proj_hw in seen
+    assert torch.equal(model.post_llm[1].mlp.up_proj.weight, sd["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    pre = model.pre_buffer[0]
+    assert torch.equal(pre.input_layernorm.weight, torch.ones(64, dtype=torch.bfloat16))
+    assert model.vision.dense_embedding.bias.abs().sum() == 0
+    assert abs(pre.mlp.up_proj.weight.float().std().item() - 0.02) < 0.003
+    assert model.lm_head.weight is model.embed_tokens.weight
+    f32 = NEO.from_pretrained(str(tmp_path / "q"), dtype=torch.float32, n_pre_layers=2)
+    assert {p.dtype for p in f32.parameters()} == {torch.float32}
 
 
 # ---- training behaviour
