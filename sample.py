@@ -119,7 +119,7 @@ def load_model(path, device, dtype):
         raise SampleError(f"{path}: cannot read its tokenizer {tok!r} ({why(e)}); use the tokenizer files that "
                           f"came with the checkpoint") from None
     try:
-        model = NEO.from_pretrained(path)
+        model = NEO.from_pretrained(path, dtype=dtype)  # each tensor cast as it is read: no float32 copy first
     except Exception as e:  # strict loading names the missing / unexpected / mis-shaped tensor
         raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
                           f"or a ckpt.pt, with its config and weights from the same model") from None
@@ -130,7 +130,7 @@ def load_model(path, device, dtype):
                           f"vocab {cfg.vocab_size}); use the tokenizer files that came with the checkpoint")
     cfg.img_end_id = ids["img_end"]  # not in the authors' config.json; the tokenizer holds it
     try:
-        model.eval().to(device=device, dtype=dtype)
+        model.eval().to(device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
         raise SampleError(f"cannot put the model on --device={device} --dtype={str(dtype)[6:]} ({why(e)}); "
                           f"try --device=cpu") from None

@@ -558,7 +558,7 @@ def load_stage_model(cfg, stage, init):
     ov = model_overrides(cfg)
     if stage == "llm":
         if init:
-            return NEO.from_pretrained(init, **{**ov, "n_pre_layers": 0})
+            return NEO.from_pretrained(init, dtype=torch.float32, **{**ov, "n_pre_layers": 0})
         return NEO(NEOConfig.preset(cfg.model, **{**ov, "n_pre_layers": 0}))
     if not init:
         raise ConfigError(f"--stage={stage} needs a model to start from: --init_from=<folder> or a previous "
@@ -572,7 +572,7 @@ def load_stage_model(cfg, stage, init):
         ov.setdefault("n_pre_layers", PRESETS[cfg.model].get("n_pre_layers", NEOConfig.n_pre_layers))
     else:  # a trained NEO keeps its shape; only the switches may change
         ov = {k: v for k, v in ov.items() if k in ("rope", "mask")}
-    return NEO.from_pretrained(init, **ov)
+    return NEO.from_pretrained(init, dtype=torch.float32, **ov)  # float32 master weights; autocast does the rest
 
 
 def run_stage(cfg, stage, init, env, state):
