@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import checkpoint
 import train
 
-from neo import (IGNORE_INDEX, NEO, NEOConfig, attention, attention_probs, build_attention_mask,
+from neo import (IGNORE_INDEX, NEO, NEOConfig, attention, attention_math, attention_probs, build_attention_mask,
                  build_positions, set_trainable)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,16 +128,21 @@ def test_packed_documents_equal_separate_runs():
 
 
 def test_math_attention_equals_sdpa():
-    """The hand-written masked softmax (CPU bf16 path) computes what SDPA computes."""
+    """The hand-written masked softmax (the CPU path: GQA by stacking query heads, no k/v copies) computes what
+    SDPA computes, with a mask and without (decoding), in float32 and bf16."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 7, 32), torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 16)
     mask = torch.rand(2, 1, 7, 7) > 0.3
     mask |= torch.eye(7, dtype=torch.bool)
-    ref = attention(q, k, v, mask, 0.25)  # fp32 on CPU: SDPA
-    got = attention_probs(q, k, mask, 0.25) @ v.repeat_interleave(2, 1)
-    assert torch.allclose(ref, got, atol=1e-5)
-    bf = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.25)  # bf16 on CPU: math path
-    assert torch.allclose(ref, bf.float(), atol=5e-2)
+    for m in (mask, None):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True)
+        assert torch.allclose(attention(q, k, v, m, 0.25), ref, atol=1e-5)
+        assert torch.allclose(attention_math(q, k, v, m, 0.25), ref, atol=1e-5)
+        bf = attention_math(q.bfloat16(), k.bfloat16(), v.bfloat16(), m, 0.25)
+        assert torch.allclose(ref, bf.float(), atol=5e-2)
+    got = attention_probs(q, k, mask, 0.25) @ v.repeat_interleave(2, 1)  # what --show_attention draws
+    assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25,
+                                                              enable_gqa=True), atol=1e-5)
 
 
 def test_flex_attention_equals_sdpa():
