@@ -214,18 +214,31 @@ def test_two_processes_equal_one(tmp_path, neo_folder, fsdp):
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
-def test_auto_dtype_follows_amx(tmp_path, monkeypatch):
-    """--dtype=auto: bf16 on a CPU whose flags list amx_bf16, float32 otherwise or without /proc/cpuinfo."""
-    amx, plain = tmp_path / "amx", tmp_path / "plain"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    plain.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert train.cpu_has_amx(str(amx)) and not train.cpu_has_amx(str(plain))
-    assert not train.cpu_has_amx(str(tmp_path / "missing"))
-    for has, want in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(train, "cpu_has_amx", lambda has=has: has)
-        assert train.resolve_dtype(train.TrainConfig(), "cpu") == want
-        assert train.resolve_dtype(train.TrainConfig(dtype="float32"), "cpu") == "float32"
-    assert train.resolve_dtype(train.TrainConfig(), "cuda") == "bfloat16"
+def test_auto_dtype_is_measured(monkeypatch, capsys):
+    """--dtype=auto on a CPU times both dtypes on the real training step and takes the faster, whatever the
+    CPU's flags: here each dtype in turn is made slow, and the choice follows; explicit flags and GPUs skip
+    the measurement."""
+    import contextlib
+    import time as _time
+    real_autocast = torch.autocast
+
+    def slow(ctx):
+        def make(*a, **k):
+            _time.sleep(0.05)
+            return ctx(*a, **k)
+        return make
+    cfg = train.TrainConfig(**TINY_MODEL, batch_size=2, max_seq_len=128)
+    monkeypatch.setattr(torch, "autocast", slow(real_autocast))
+    assert train.resolve_dtype(cfg, "cpu") == "float32"
+    monkeypatch.setattr(torch, "autocast", real_autocast)
+    monkeypatch.setattr(train, "nullcontext", slow(contextlib.nullcontext))
+    assert train.resolve_dtype(cfg, "cpu") == "bfloat16"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("float32" in l and "bfloat16" in l and "tok/s" in l for l in lines)
+    assert lines[0].endswith("-> float32") and lines[1].endswith("-> bfloat16")
+    never = lambda cfg: pytest.fail("measured although the dtype was given")
+    assert train.resolve_dtype(train.TrainConfig(dtype="float32"), "cpu", measure=never) == "float32"
+    assert train.resolve_dtype(train.TrainConfig(), "cuda", measure=never) == "bfloat16"
 
 
 def test_compiled_layers_match_eager():

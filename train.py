@@ -89,7 +89,7 @@ class TrainConfig:
     # system
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
     dtype: str = "auto"           # auto|bfloat16|float32 autocast (weights stay float32); auto =
-    #                               bfloat16 on a GPU or a CPU with AMX, else float32 (see resolve_dtype)
+    #                               bfloat16 on a GPU; on a CPU the faster of the two, measured at start-up
     compile: bool = True          # torch.compile each layer for training (off by itself where it cannot work)
     fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
     grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
@@ -339,27 +339,108 @@ def gpu_peak_flops(name):
     return next((p for k, p in table if k in name), float("inf"))
 
 
-def resolve_dtype(cfg, device):
-    """auto -> bfloat16 on a GPU; on a CPU only with AMX (bf16 matrix units). Measured on 2-core Xeons:
-    without AMX the toy trains ~1.4x faster in float32 than under bf16 autocast (bf16 GEMMs run at half the
-    fp32 rate there); with AMX `--bench` is 1.24x faster in bf16 (4,319 vs 3,493 tok/s), a whole toy run the
-    same (8.3 vs 8.4 min), and it learns as well (README)."""
+def resolve_dtype(cfg, device, measure=None):
+    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
+    No rule by CPU flag is right: bf16 autocast trained the toy 1.4-1.7x faster than float32 on a 2-core
+    AMD EPYC with AVX512-BF16 and on a Xeon with AMX, but ~1.4x slower on a Xeon without either (its bf16
+    GEMMs run at half the fp32 rate). `measure` (tests) replaces the measurement."""
     if cfg.dtype != "auto":
         return cfg.dtype
     if "cuda" in device:
         return "bfloat16"
-    return "bfloat16" if cpu_has_amx() else "float32"
+    if device != "cpu":  # mps: float32, the one dtype every op supports there
+        return "float32"
+    return (measure or choose_cpu_dtype)(cfg)
 
 
-def cpu_has_amx(cpuinfo="/proc/cpuinfo"):
-    """True on a CPU with AMX bf16 units (Intel Sapphire Rapids and later). torch 2.13's
-    get_cpu_capability() says just "AVX512" on such a CPU, so read the kernel's CPU flags (Linux);
-    elsewhere (macOS, Windows) assume none, i.e. float32."""
-    try:
-        with open(cpuinfo) as f:
-            return "amx_bf16" in f.read().split()
-    except OSError:
-        return False
+def choose_cpu_dtype(cfg, seconds=1.0):
+    """Time the real work in each candidate dtype and return the faster: a few eager training steps of the
+    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead), the
+    candidates interleaved and each one's best round kept, so a burst of other work on the machine does not
+    decide. Eager, not compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on
+    every CPU measured (EXPERIMENTS.md). Prints one line with both figures and the choice."""
+    t0 = time.perf_counter()
+    cands = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg.model == "toy":
+        enc = data.get_tokenizer("shapes")
+        sp = data.special_ids(enc)
+        mcfg = NEOConfig.preset(cfg.model, **model_overrides(cfg), img_start_id=sp["img_start"],
+                                img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+        probe = TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0})
+        b = to_device(next(iter(make_loader(probe, "midtrain", enc, mcfg, 0, 1, 0))), "cpu")
+        model = NEO(mcfg)
+        set_trainable(model, "midtrain")
+        opt = configure_optimizers(model, 0.0, 1e-6, (0.9, 0.95))
+        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
+
+        def work(dt):
+            with (nullcontext() if dt == torch.float32 else torch.autocast("cpu", dtype=dt)):
+                _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        d = NEOConfig.preset(cfg.model).d_model
+        x = {dt: torch.randn(512, d, dtype=dt) for dt in cands.values()}
+        w = {dt: torch.randn(d, d, dtype=dt) for dt in cands.values()}
+        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
+
+        def work(dt):
+            x[dt] @ w[dt]
+    best = {}
+    for name, dt in cands.items():  # warm-up: first-call costs (kernel selection, allocations) off the clock
+        work(dt)
+    for _ in range(3):
+        for name, dt in cands.items():
+            t1, k = time.perf_counter(), 0
+            while k == 0 or time.perf_counter() - t1 < seconds / 6:
+                work(dt)
+                k += 1
+            best[name] = max(best.get(name, 0.0), k * amount / (time.perf_counter() - t1))
+    choice = max(best, key=best.get)
+    print0(f"dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
+           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
+    return choice
+
+
+class CoreShare:
+    """Threads = the cores other processes leave free, re-checked by update() (Linux; elsewhere it does nothing).
+    Why: torch's OpenMP threads spin while they wait for each other. Beside one busy process, two threads on two
+    cores trained at 2,201 tok/s and decoded at 89, against 3,591 and 202 for one thread: the spinning waiter burns
+    the time slice the working thread needs. Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid that but cost 6-8%
+    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU")."""
+
+    def __init__(self, max_threads):
+        self.max, self.threads, self.others, self.last = max_threads, max_threads, 0.0, self.sample()
+
+    @staticmethod
+    def sample():
+        """(wall s, CPU s used by every process, CPU s used by this one), or None where that cannot be read."""
+        try:
+            with open("/proc/stat") as f:
+                lines = f.read().splitlines()
+            if sum(l.startswith("cpu") for l in lines) - 1 != len(os.sched_getaffinity(0)):
+                return None  # we may run on only some of the machine's cores: their load is not readable here
+            v = [int(x) for x in lines[0].split()[1:9]]
+        except (OSError, AttributeError, ValueError):
+            return None
+        t = os.times()
+        busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def update(self):
+        """Set torch's thread count to the free cores seen since the last call; -> the new count if it changed."""
+        now, last = self.sample(), self.last
+        if now is None or last is None or now[0] - last[0] < 1.0:
+            return None
+        self.last = now
+        self.others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # busy elsewhere
+        n = max(1, min(self.max, int(len(os.sched_getaffinity(0)) - self.others + 0.5)))
+        if n == self.threads:
+            return None
+        self.threads = n
+        torch.set_num_threads(n)
+        return n
 
 
 # -----------------------------------------------------------------------------
@@ -708,6 +789,9 @@ def run_stage(cfg, stage, init, env, state):
                 bar.write(f"[{stage}] step {step}/{iters} loss {loss_f:.4f} lr {lr_now:.2e} norm {norm_f:.2f} "
                           f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
             t_log, tok_log = time.perf_counter(), 0
+            if state["cores"] and (n := state["cores"].update()):
+                bar.write(f"[{stage}] other processes use {state['cores'].others:.1f} cores: training on {n} "
+                          f"thread{'s' if n > 1 else ''} (CoreShare)")
         if step % cfg.eval_interval == 0 or step == iters:
             checkpoint()
         if cfg.kill_at and state["step0"] + step == cfg.kill_at:
@@ -737,6 +821,8 @@ def run_stage(cfg, stage, init, env, state):
             # what each stage taught: llm the text family, pretrain captions; then every family
             families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
             raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
+            if state["cores"]:
+                state["cores"].update()
             acc = evaluate(raw_model, enc, cfg, device, ctx, families=families)
             entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
@@ -786,6 +872,10 @@ def bench(cfg, env):
 
     for b in batches:  # warm-up: every batch shape once (--compile=True compiles each here, not in the timing)
         train_step(b)
+    if device == "cpu" and not cfg.threads:  # the thread count training would use now (CoreShare)
+        cores = CoreShare(torch.get_num_threads())
+        time.sleep(1.0)
+        cores.update()
     n, t0 = 0, time.perf_counter()
     for k in range(8):
         train_step(batches[k % 4])
@@ -883,9 +973,14 @@ def main(argv=None):
         sys.exit(2)
     env = setup_distributed(cfg)
     ddp, rank, local_rank, world, device = env
-    cfg.dtype = resolve_dtype(cfg, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if ddp and cfg.dtype == "auto" and "cuda" not in device:  # every rank must train in rank 0's choice
+        choice = [resolve_dtype(cfg, device) if rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        cfg.dtype = choice[0]
+    else:
+        cfg.dtype = resolve_dtype(cfg, device)
     torch.manual_seed(cfg.seed + rank)  # per-rank offset; DDP broadcasts rank 0's weights anyway
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -904,8 +999,10 @@ def main(argv=None):
         stages = [s for s in stages if s != "llm"]
     peak = (gpu_peak_flops(torch.cuda.get_device_name(device)) if "cuda" in device else
             measure_cpu_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, 0.5))
+    # on a CPU the thread count follows what other processes leave free (CoreShare), unless --threads is given
+    cores = CoreShare(torch.get_num_threads()) if device == "cpu" and not ddp and not cfg.threads else None
     state = {"history": [], "evals": [], "step0": 0, "peak": peak, "t0": time.perf_counter(),
-             "last_stage": stages[-1]}
+             "last_stage": stages[-1], "cores": cores}
     print0(f"device {device}, world {world}, dtype {cfg.dtype}, stages {' -> '.join(stages)}; "
            f"{'GPU' if 'cuda' in device else 'measured CPU GEMM'} peak {peak / 1e12:.3g} TFLOP/s")
     init = cfg.init_from
