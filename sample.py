@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import data
-from neo import NEO, NEOConfig, build_attention_mask, build_positions
+from neo import NEO, KVCache, NEOConfig, build_attention_mask, build_positions
 
 # The system turn of the authors' chat code. Their modeling_neo_chat.py (read) puts "<image>\n" before the
 # question, expands it to <img> + n x <IMG_CONTEXT> + </img>, stops at the template's separator, and takes
@@ -65,7 +65,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="for sampling (default 1337)")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="default auto: bfloat16 on a GPU, float32 on a CPU")
+                   help="default auto: bfloat16 on a GPU; on a CPU the faster of float32 and bfloat16 here, "
+                        "measured on one of the model's layers")
     p.add_argument("--min_pixels", type=int, default=None, help="per image (default: the model's config)")
     p.add_argument("--max_pixels", type=int, default=None,
                    help="per image, and per video frame (default: the model's config; a quarter of it per frame)")
@@ -132,9 +133,47 @@ def load_model(path, device, dtype):
     try:
         model.eval().to(device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise SampleError(f"cannot put the model on --device={device} --dtype={str(dtype)[6:]} ({why(e)}); "
+        raise SampleError(f"cannot put the model on --device={device} --dtype={str(dtype)[6:] or 'auto'} ({why(e)}); "
                           f"try --device=cpu") from None
     return model, enc, ours
+
+
+def choose_cpu_dtype(model, prompt_len, max_new_tokens, steps=8):
+    """--dtype=auto on a CPU: time a copy of one of the model's own layers in float32 and in bf16, on this prompt's
+    prefill and on one-token decode steps, and keep the dtype with the shorter expected answer time. No rule by
+    CPU flag is right: bf16 halves the bytes a large model's decode reads, but its GEMMs run at half the fp32
+    rate on CPUs without AVX512-BF16 or AMX, and a small model's decode is bound by per-op overhead, where the
+    casts bf16 adds cost more than they save (README, Efficiency)."""
+    import copy
+    import dataclasses
+    import time
+    cfg = dataclasses.replace(model.cfg, n_layer=1, n_pre_layers=0)  # a one-layer cache for the one layer
+    src = (list(model.pre_buffer) + list(model.post_llm))[0]
+    L = max(1, min(prompt_len, 4096))
+    pos = torch.stack((torch.arange(L), torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long)))
+    rope, rope1 = model.rope_tables(pos[:, None]), model.rope_tables(torch.tensor([[[L]], [[0]], [[0]]]))
+    mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
+    n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
+    times = {}
+    with torch.inference_mode():
+        for _ in range(2):  # twice, alternating, each dtype's better round kept: a busy moment does not decide
+            for dt in (torch.float32, torch.bfloat16):
+                blk = copy.deepcopy(src).to(dt)
+                x = torch.randn(1, L, cfg.d_model, dtype=dt)
+                cache = KVCache(cfg, 1, L + steps + 1, "cpu", dt)
+                t0 = time.perf_counter()
+                y = blk(x, rope, mask, cache)
+                t1 = time.perf_counter()
+                for _ in range(steps):
+                    y = blk(y[:, -1:], rope1, None, cache)
+                t2 = time.perf_counter()
+                est = (t1 - t0) + n_new * (t2 - t1) / steps
+                times[dt] = min(times.get(dt, float("inf")), est)
+    best = min(times, key=times.get)
+    print(f"dtype auto: one layer, prefill {L} tokens + {n_new} decode steps: " +
+          ", ".join(f"{str(k)[6:]} {1e3 * v:.1f} ms" for k, v in times.items()) + f" -> {str(best)[6:]}",
+          file=sys.stderr)
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -248,8 +287,11 @@ def main(argv=None):
         return draw_mask(args.draw_mask)
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if "cuda" in device else "float32")
-    dtype = getattr(torch, dtype)
+    # --dtype=auto: bf16 on a GPU, float32 on mps; on a CPU the model loads in its checkpoint's dtype and
+    # choose_cpu_dtype then measures which of float32 and bf16 runs it faster here
+    auto_cpu = args.dtype == "auto" and device == "cpu"
+    dtype = None if auto_cpu else getattr(torch, args.dtype if args.dtype != "auto" else
+                                          "bfloat16" if "cuda" in device else "float32")
     if not args.image and not args.video:
         raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
     if args.num_frames < 1 or args.max_new_tokens < 1 or args.temperature < 0:
@@ -299,6 +341,10 @@ def main(argv=None):
     if L >= cfg.max_seq_len:
         raise SampleError(f"the prompt with its images is {L} tokens, over the model's context of {cfg.max_seq_len}: "
                           f"lower --max_pixels, pass fewer images or --num_frames, or shorten --prompt")
+    if auto_cpu:
+        dtype = choose_cpu_dtype(model, L, args.max_new_tokens)
+        model.to(dtype)
+    dtype = next(model.parameters()).dtype
     print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, template {template}, prompt {L} tokens, "
           f"{device} {str(dtype)[6:]}", file=sys.stderr)
     x = torch.tensor([prompt["input_ids"]], device=device)
