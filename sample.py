@@ -138,41 +138,46 @@ def load_model(path, device, dtype):
     return model, enc, ours
 
 
-def choose_cpu_dtype(model, prompt_len, max_new_tokens, steps=8):
-    """--dtype=auto on a CPU: time a copy of one of the model's own layers in float32 and in bf16, on this prompt's
-    prefill and on one-token decode steps, and keep the dtype with the shorter expected answer time. No rule by
-    CPU flag is right: bf16 halves the bytes a large model's decode reads, but its GEMMs run at half the fp32
-    rate on CPUs without AVX512-BF16 or AMX, and a small model's decode is bound by per-op overhead, where the
-    casts bf16 adds cost more than they save (README, Efficiency)."""
+def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
+    """--dtype=auto on a CPU: time a copy of one of the model's own layers in float32 and bf16, on one thread and
+    on all, for this prompt's prefill and for one-token decode steps; -> (dtype, threads) with the shortest
+    expected answer time. No rule by CPU flag is right: bf16 halves the bytes a large model's decode reads, but
+    its GEMMs run at half the fp32 rate on CPUs without AVX512-BF16 or AMX; a small model's decode is bound by
+    per-op overhead, where bf16's casts cost more than they save and a second thread only adds waiting (the toy:
+    207 tok/s on one thread, 198 on two, 89 on two beside a busy process; README, Efficiency)."""
     import copy
     import dataclasses
     import time
     cfg = dataclasses.replace(model.cfg, n_layer=1, n_pre_layers=0)  # a one-layer cache for the one layer
     src = (list(model.pre_buffer) + list(model.post_llm))[0]
-    L = max(1, min(prompt_len, 4096))
+    L = max(1, min(prompt_len, 1024))  # longer prompts cost proportionally more in every setting
     pos = torch.stack((torch.arange(L), torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long)))
     rope, rope1 = model.rope_tables(pos[:, None]), model.rope_tables(torch.tensor([[[L]], [[0]], [[0]]]))
     mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
     n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
+    n_threads = torch.get_num_threads()
+    blocks = {dt: copy.deepcopy(src).to(dt) for dt in (torch.float32, torch.bfloat16)}
     times = {}
     with torch.inference_mode():
-        for _ in range(2):  # twice, alternating, each dtype's better round kept: a busy moment does not decide
-            for dt in (torch.float32, torch.bfloat16):
-                blk = copy.deepcopy(src).to(dt)
-                x = torch.randn(1, L, cfg.d_model, dtype=dt)
-                cache = KVCache(cfg, 1, L + steps + 1, "cpu", dt)
-                t0 = time.perf_counter()
-                y = blk(x, rope, mask, cache)
-                t1 = time.perf_counter()
-                for _ in range(steps):
-                    y = blk(y[:, -1:], rope1, None, cache)
-                t2 = time.perf_counter()
-                est = (t1 - t0) + n_new * (t2 - t1) / steps
-                times[dt] = min(times.get(dt, float("inf")), est)
+        for _ in range(2):  # twice, alternating, each setting's better round kept: a busy moment does not decide
+            for dt, blk in blocks.items():
+                for th in sorted({1, n_threads}):
+                    torch.set_num_threads(th)
+                    x = torch.randn(1, L, cfg.d_model, dtype=dt)
+                    cache = KVCache(cfg, 1, L + steps + 1, "cpu", dt)
+                    t0 = time.perf_counter()
+                    y = blk(x, rope, mask, cache)
+                    t1 = time.perf_counter()
+                    for _ in range(steps):
+                        y = blk(y[:, -1:], rope1, None, cache)
+                    t2 = time.perf_counter()
+                    est = (t1 - t0) * prompt_len / L + n_new * (t2 - t1) / steps
+                    times[dt, th] = min(times.get((dt, th), float("inf")), est)
+    torch.set_num_threads(n_threads)
     best = min(times, key=times.get)
-    print(f"dtype auto: one layer, prefill {L} tokens + {n_new} decode steps: " +
-          ", ".join(f"{str(k)[6:]} {1e3 * v:.1f} ms" for k, v in times.items()) + f" -> {str(best)[6:]}",
-          file=sys.stderr)
+    print(f"dtype auto: one layer, prefill {prompt_len} tokens + {n_new} decode steps: " +
+          ", ".join(f"{str(d)[6:]} x{t} {1e3 * v:.1f} ms" for (d, t), v in times.items()) +
+          f" -> {str(best[0])[6:]}, {best[1]} thread{'s' if best[1] > 1 else ''}", file=sys.stderr)
     return best
 
 
@@ -288,7 +293,7 @@ def main(argv=None):
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     # --dtype=auto: bf16 on a GPU, float32 on mps; on a CPU the model loads in its checkpoint's dtype and
-    # choose_cpu_dtype then measures which of float32 and bf16 runs it faster here
+    # choose_cpu_setting then measures which dtype and thread count run it fastest here
     auto_cpu = args.dtype == "auto" and device == "cpu"
     dtype = None if auto_cpu else getattr(torch, args.dtype if args.dtype != "auto" else
                                           "bfloat16" if "cuda" in device else "float32")
@@ -342,8 +347,9 @@ def main(argv=None):
         raise SampleError(f"the prompt with its images is {L} tokens, over the model's context of {cfg.max_seq_len}: "
                           f"lower --max_pixels, pass fewer images or --num_frames, or shorten --prompt")
     if auto_cpu:
-        dtype = choose_cpu_dtype(model, L, args.max_new_tokens)
+        dtype, threads = choose_cpu_setting(model, L, args.max_new_tokens)
         model.to(dtype)
+        torch.set_num_threads(threads)
     dtype = next(model.parameters()).dtype
     print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, template {template}, prompt {L} tokens, "
           f"{device} {str(dtype)[6:]}", file=sys.stderr)
