@@ -124,13 +124,20 @@ def rope_cos_sin(pos, dim, theta):
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_half_index(sizes, device=None):
+    """rotate_half over consecutive parts of the given sizes as one gather: x[..., idx] * sign gives, in each
+    part, (-x2, x1) where x1, x2 are its two halves."""
+    idx, sign, o = [], [], 0
+    for n in sizes:
+        idx.append(o + (torch.arange(n, device=device) + n // 2) % n)
+        sign.append(torch.cat((-torch.ones(n // 2, device=device), torch.ones(n - n // 2, device=device))))
+        o += n
+    return torch.cat(idx), torch.cat(sign)
 
 
-def apply_rope(x, cos, sin):
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+def apply_rope(x, cos, sin, idx):
+    """x rotated: x * cos + rotate_half(x) * sin, where sin carries rotate_half's signs (NEO.rope_tables)."""
+    return (x * cos + x[..., idx] * sin).to(x.dtype)
 
 
 def rope_interleaved(x, pos, theta):
@@ -342,17 +349,15 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache=None):
         B, L, _ = x.shape
         nh, nkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = rope  # each (B, L, 1, *)
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, L, nh, D)), cos_t, sin_t)   # (B, L, nh, D)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(B, L, nkv, D)), cos_t, sin_t)  # (B, L, nkv, D)
+        q = self.q_norm(self.q_proj(x).view(B, L, nh, D))    # (B, L, nh, D): the LLM's own T channels
+        k = self.k_norm(self.k_proj(x).view(B, L, nkv, D))   # (B, L, nkv, D)
         v = self.v_proj(x).view(B, L, nkv, D)
         if self.cfg.rope == "native":
             q_h, q_w = self.q_proj_hw(x).view(B, L, nh, D).chunk(2, dim=-1)    # (B, L, nh, D/2) each
             k_h, k_w = self.k_proj_hw(x).view(B, L, nkv, D).chunk(2, dim=-1)
-            q = torch.cat((q, apply_rope(self.q_norm_h(q_h), cos_h, sin_h),
-                           apply_rope(self.q_norm_w(q_w), cos_w, sin_w)), dim=-1)  # (B, L, nh, 2D)
-            k = torch.cat((k, apply_rope(self.k_norm_h(k_h), cos_h, sin_h),
-                           apply_rope(self.k_norm_w(k_w), cos_w, sin_w)), dim=-1)
+            q = torch.cat((q, self.q_norm_h(q_h), self.q_norm_w(q_w)), dim=-1)  # (B, L, nh, 2D): [T | H | W]
+            k = torch.cat((k, self.k_norm_h(k_h), self.k_norm_w(k_w)), dim=-1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)    # T by t (base 1e6), H by h and W by w (base 1e4)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, ch)
         if cache is not None:
             k, v = cache.update(k, v)                       # (B, nkv, S, ch): the whole cache so far
@@ -475,12 +480,17 @@ class NEO(nn.Module):
         return x
 
     def rope_tables(self, pos):
-        """cos/sin per axis from pos (3, B, L), shaped (B, L, 1, ch) to broadcast over heads."""
+        """Rotary tables for q and k from pos (3, B, L): cos, sin (B, L, 1, channels) and the rotate_half gather.
+        Native-RoPE: the channels are [T | H | W] (D, D/2, D/2), each part rotated in rotate-half pairs by its own
+        index with its own base (t: 1e6, h and w: 1e4), so one multiply-add rotates all three. 1d: T alone."""
         D, cfg = self.cfg.head_dim, self.cfg
-        t = rope_cos_sin(pos[0], D, cfg.rope_theta)
-        h = rope_cos_sin(pos[1], D // 2, cfg.rope_theta_hw)
-        w = rope_cos_sin(pos[2], D // 2, cfg.rope_theta_hw)
-        return tuple((c[:, :, None], s[:, :, None]) for c, s in (t, h, w))
+        parts = [rope_cos_sin(pos[0], D, cfg.rope_theta)]
+        if cfg.rope == "native":
+            parts += [rope_cos_sin(pos[1], D // 2, cfg.rope_theta_hw), rope_cos_sin(pos[2], D // 2, cfg.rope_theta_hw)]
+        idx, sign = rotate_half_index([c.shape[-1] for c, _ in parts], pos.device)
+        cos = torch.cat([c for c, _ in parts], dim=-1)       # (B, L, 2D)
+        sin = torch.cat([s for _, s in parts], dim=-1) * sign
+        return cos[:, :, None], sin[:, :, None], idx         # broadcast over heads
 
     def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
                 cache=None, last_only=False):
@@ -491,13 +501,13 @@ class NEO(nn.Module):
                 f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
         assert doc_ids is None or doc_ids.shape == input_ids.shape, "doc_ids must have the shape of input_ids"
         grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
-        pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
         if cache is not None and cache.length > 0:  # decoding text after the prompt: t continues, h = w = 0
             assert L == 1, "decode one token at a time"
-            pos = torch.zeros_like(pos)
-            pos[0] = cache.next_t[:, None] + torch.arange(L, device=input_ids.device)
+            pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
+            pos[0] = cache.next_t[:, None]
             mask = None  # one new token may see the whole cache
         else:  # the mixed mask of DESIGN §4 (a FlexAttention BlockMask for long packs on CUDA)
+            pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
             docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
             mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
