@@ -241,6 +241,24 @@ def test_auto_dtype_is_measured(monkeypatch, capsys):
     assert train.resolve_dtype(train.TrainConfig(), "cuda", measure=never) == "bfloat16"
 
 
+def test_threads_follow_free_cores(monkeypatch):
+    """CoreShare: when other processes keep a core busy, training drops to the cores left free (spinning OpenMP
+    threads on a shared core collapse throughput), and goes back up once the CPU is free again."""
+    samples = iter([(0.0, 0.0, 0.0),     # (wall s, CPU s of every process, CPU s of this one)
+                    (2.0, 4.0, 2.0),     # 2 s: 4 CPU-s in all, 2 ours -> another process used one core
+                    (4.0, 6.0, 3.9),     # 2 s: 2 CPU-s in all, 1.9 ours -> the CPU is free again
+                    (4.5, 7.0, 4.0)])    # too soon after the last look (< 1 s): nothing changes
+    monkeypatch.setattr(train.CoreShare, "sample", staticmethod(lambda: next(samples)))
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    cores = train.CoreShare(2)
+    cores.cores = 2
+    assert cores.update() == 1 and abs(cores.others - 1.0) < 1e-9
+    assert cores.update() == 2
+    assert cores.update() is None
+    assert set_to == [1, 2]
+
+
 def test_compiled_layers_match_eager():
     """compile_layers (--compile=True, the default) trains the same function: loss and every gradient of a
     packed batch with images agree with eager execution."""

@@ -412,6 +412,7 @@ class CoreShare:
 
     def __init__(self, max_threads):
         self.max, self.threads, self.others, self.last = max_threads, max_threads, 0.0, self.sample()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     @staticmethod
     def sample():
@@ -435,7 +436,7 @@ class CoreShare:
             return None
         self.last = now
         self.others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # busy elsewhere
-        n = max(1, min(self.max, int(len(os.sched_getaffinity(0)) - self.others + 0.5)))
+        n = max(1, min(self.max, int(self.cores - self.others + 0.5)))
         if n == self.threads:
             return None
         self.threads = n
