@@ -296,8 +296,13 @@ def attention(q, k, v, mask, scale):
             from torch.nn.attention.flex_attention import flex_attention
             _flex_attention = torch.compile(flex_attention, dynamic=False)
         return _flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and (mask is None or q.requires_grad):  # decoding, or training: few ops
         return attention_math(q, k, v, mask, scale)
+    if q.device.type == "cpu":  # a masked prefill: SDPA's fused kernel (2x the math path for a photo's 1,300
+        # tokens, bf16) needs v as wide as q and k, so v gets zero channels that the output then drops
+        D = v.shape[-1]
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - D)), attn_mask=mask, scale=scale,
+                                              enable_gqa=True)[..., :D]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
@@ -479,10 +484,11 @@ class NEO(nn.Module):
             x = x.masked_scatter((input_ids == self.cfg.img_context_id)[..., None], vis.to(x.dtype))
         return x
 
-    def rope_tables(self, pos):
+    def rope_tables(self, pos, dtype=torch.float32):
         """Rotary tables for q and k from pos (3, B, L): cos, sin (B, L, 1, channels) and the rotate_half gather.
         Native-RoPE: the channels are [T | H | W] (D, D/2, D/2), each part rotated in rotate-half pairs by its own
-        index with its own base (t: 1e6, h and w: 1e4), so one multiply-add rotates all three. 1d: T alone."""
+        index with its own base (t: 1e6, h and w: 1e4), so one multiply-add rotates all three. 1d: T alone.
+        Computed in float32, then cast to the hidden states' dtype, as the authors' Qwen3 rotary embedding does."""
         D, cfg = self.cfg.head_dim, self.cfg
         parts = [rope_cos_sin(pos[0], D, cfg.rope_theta)]
         if cfg.rope == "native":
@@ -490,7 +496,7 @@ class NEO(nn.Module):
         idx, sign = rotate_half_index([c.shape[-1] for c, _ in parts], pos.device)
         cos = torch.cat([c for c, _ in parts], dim=-1)       # (B, L, 2D)
         sin = torch.cat([s for _, s in parts], dim=-1) * sign
-        return cos[:, :, None], sin[:, :, None], idx         # broadcast over heads
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype), idx  # broadcast over heads
 
     def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
                 cache=None, last_only=False):
@@ -513,9 +519,8 @@ class NEO(nn.Module):
             mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
         if cache is not None:
             cache.next_t = pos[0].max(1).values + 1
-        rope = self.rope_tables(pos)
-
         x = self.embed(input_ids, images)
+        rope = self.rope_tables(pos, x.dtype)
         for block in [*self.pre_buffer, *self.post_llm]:  # the new Pre-Buffer, then the pretrained Qwen3 layers
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)

@@ -152,7 +152,7 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     src = (list(model.pre_buffer) + list(model.post_llm))[0]
     L = max(1, min(prompt_len, 1024))  # longer prompts cost proportionally more in every setting
     pos = torch.stack((torch.arange(L), torch.zeros(L, dtype=torch.long), torch.zeros(L, dtype=torch.long)))
-    rope, rope1 = model.rope_tables(pos[:, None]), model.rope_tables(torch.tensor([[[L]], [[0]], [[0]]]))
+    pos1 = torch.tensor([[[L]], [[0]], [[0]]])
     mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
     n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
     n_threads = torch.get_num_threads()
@@ -161,6 +161,7 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     with torch.inference_mode():
         for _ in range(2):  # twice, alternating, each setting's better round kept: a busy moment does not decide
             for dt, blk in blocks.items():
+                rope, rope1 = model.rope_tables(pos[:, None], dt), model.rope_tables(pos1, dt)
                 for th in sorted({1, n_threads}):
                     torch.set_num_threads(th)
                     x = torch.randn(1, L, cfg.d_model, dtype=dt)
