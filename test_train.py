@@ -224,7 +224,7 @@ def test_auto_dtype_is_measured(monkeypatch, capsys):
 
     def slow(ctx):
         def make(*a, **k):
-            _time.sleep(0.05)
+            _time.sleep(0.5)  # far longer than a tiny step, even on a busy machine
             return ctx(*a, **k)
         return make
     cfg = train.TrainConfig(**TINY_MODEL, batch_size=2, max_seq_len=128)
