@@ -124,20 +124,13 @@ def rope_cos_sin(pos, dim, theta):
     return emb.cos(), emb.sin()
 
 
-def rotate_half_index(sizes, device=None):
-    """rotate_half over consecutive parts of the given sizes as one gather: x[..., idx] * sign gives, in each
-    part, (-x2, x1) where x1, x2 are its two halves."""
-    idx, sign, o = [], [], 0
-    for n in sizes:
-        idx.append(o + (torch.arange(n, device=device) + n // 2) % n)
-        sign.append(torch.cat((-torch.ones(n // 2, device=device), torch.ones(n - n // 2, device=device))))
-        o += n
-    return torch.cat(idx), torch.cat(sign)
-
-
-def apply_rope(x, cos, sin, idx):
-    """x rotated: x * cos + rotate_half(x) * sin, where sin carries rotate_half's signs (NEO.rope_tables)."""
-    return (x * cos + x[..., idx] * sin).to(x.dtype)
+def apply_rope(x, cos, sin, halves):
+    """x * cos + rotate_half(x) * sin for consecutive parts of x's channels at once. halves: the sizes of each
+    part's two halves, in order; rotate_half of a part (x1, x2) is (-x2, x1), and sin carries the minus signs
+    (NEO.rope_tables), so swapping each part's halves is all that is left to do here."""
+    p = x.split(halves, dim=-1)
+    swapped = torch.cat([p[i ^ 1] for i in range(len(p))], dim=-1)  # (x2, x1) of every part
+    return (x * cos + swapped * sin).to(x.dtype)
 
 
 def rope_interleaved(x, pos, theta):
@@ -485,7 +478,7 @@ class NEO(nn.Module):
         return x
 
     def rope_tables(self, pos, dtype=torch.float32):
-        """Rotary tables for q and k from pos (3, B, L): cos, sin (B, L, 1, channels) and the rotate_half gather.
+        """Rotary tables for q and k from pos (3, B, L): cos, sin (B, L, 1, channels) and the halves' sizes.
         Native-RoPE: the channels are [T | H | W] (D, D/2, D/2), each part rotated in rotate-half pairs by its own
         index with its own base (t: 1e6, h and w: 1e4), so one multiply-add rotates all three. 1d: T alone.
         Computed in float32, then cast to the hidden states' dtype, as the authors' Qwen3 rotary embedding does."""
@@ -493,10 +486,12 @@ class NEO(nn.Module):
         parts = [rope_cos_sin(pos[0], D, cfg.rope_theta)]
         if cfg.rope == "native":
             parts += [rope_cos_sin(pos[1], D // 2, cfg.rope_theta_hw), rope_cos_sin(pos[2], D // 2, cfg.rope_theta_hw)]
-        idx, sign = rotate_half_index([c.shape[-1] for c, _ in parts], pos.device)
+        halves = [c.shape[-1] // 2 for c, _ in parts for _ in range(2)]
+        sign = torch.cat([torch.full((n,), -1.0 if i % 2 == 0 else 1.0, device=pos.device)
+                          for i, n in enumerate(halves)])    # rotate_half's (-x2, x1): minus on each first half
         cos = torch.cat([c for c, _ in parts], dim=-1)       # (B, L, 2D)
         sin = torch.cat([s for _, s in parts], dim=-1) * sign
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype), idx  # broadcast over heads
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype), halves  # broadcast over heads
 
     def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
                 cache=None, last_only=False):

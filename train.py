@@ -408,7 +408,8 @@ class CoreShare:
     Why: torch's OpenMP threads spin while they wait for each other. Beside one busy process, two threads on two
     cores trained at 2,201 tok/s and decoded at 89, against 3,591 and 202 for one thread: the spinning waiter burns
     the time slice the working thread needs. Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid that but cost 6-8%
-    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU")."""
+    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU").
+    Compiled layers recompile once per thread count they meet (Dynamo guards on it), then switch freely."""
 
     def __init__(self, max_threads):
         self.max, self.threads, self.others, self.last = max_threads, max_threads, 0.0, self.sample()
