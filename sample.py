@@ -373,7 +373,7 @@ def main(argv=None):
             yield tok
 
     stream = model.generate_stream(x, imgs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed)
+                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed, vocab_limit=enc.n_vocab)
     for piece in text_pieces(record(stream), enc):
         print(piece, end="", flush=True)
     print(flush=True)

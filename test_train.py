@@ -4,6 +4,7 @@ tiny models, a few steps each (the whole file runs in about a minute on 2 cores)
 
     python -m pytest -q test_train.py
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -297,3 +298,20 @@ def test_ablation_table(tmp_path):
             (want["rope"], want["mask"], want["rope_theta_hw"], want["n_pre_layers"]), (i, cfg)
     md = open(out / "ablation" / "ablation.md").read().splitlines()
     assert len(md) == 2 + len(names) and md[0].count("|") == len(info["rows"][0]["accuracy"]) + 4
+
+
+def test_evaluation_never_meets_an_undecodable_id():
+    """The toy tokenizer's ids are padded to the model's 576: even a model that prefers the padding ids is scored
+    (generation never emits them), where the end-of-stage evaluation used to die with a KeyError in decode."""
+    enc = train.data.get_tokenizer("shapes")
+    sp = train.data.special_ids(enc)
+    model = NEO(tiny_cfg(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"]))
+    forward = model.forward
+
+    def padding_wins(*a, **k):
+        logits, loss = forward(*a, **k)
+        return logits.index_fill(-1, torch.arange(enc.n_vocab, model.cfg.vocab_size), 1e4), loss
+    model.forward = padding_wins
+    acc = train.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
+                         families=["text", "color"])
+    assert set(acc) == {"text", "color"}

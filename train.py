@@ -504,14 +504,26 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
             imgs = [im.to(device) for im in imgs]
             n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
             with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
-                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"])
+                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
             for p, row in zip(chunk, out.tolist()):
                 row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
-                preds.append((p, enc.decode([t for t in row if t not in special])))
+                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
             bar.update(len(chunk))
     bar.close()
     model.train()
     return data.score(preds)
+
+
+def evaluate_or_warn(*args, **kw):
+    """evaluate(), but a failure costs the accuracy, not the run: its traceback is shown and training goes on."""
+    try:
+        return evaluate(*args, **kw)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
+               "goes on", file=sys.stderr)
+        return {}
 
 
 # -----------------------------------------------------------------------------
@@ -823,11 +835,12 @@ def run_stage(cfg, stage, init, env, state):
             raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
             if state["cores"]:
                 state["cores"].update()
-            acc = evaluate(raw_model, enc, cfg, device, ctx, families=families)
+            acc = evaluate_or_warn(raw_model, enc, cfg, device, ctx, families=families)
             entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
             if cfg.blind and last:
-                entry["blind_accuracy"] = evaluate(raw_model, enc, cfg, device, ctx, blind=True, families=families)
+                entry["blind_accuracy"] = evaluate_or_warn(raw_model, enc, cfg, device, ctx, blind=True,
+                                                           families=families)
             state["evals"].append(entry)
             print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
             if "blind_accuracy" in entry:
