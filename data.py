@@ -154,6 +154,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 FACTOR = 32             # one visual token = 32x32 px (16-px patches, 2x2 downsampling)
 MAX_ASPECT = 200        # Qwen2-VL / NEO reject longer strips
 MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
+MAX_PIXELS = 16384 * FACTOR * FACTOR  # pixel budget ceiling: 16384 visual tokens (Qwen2-VL's default token budget),
+#                                       a 4096x4096 image; 200 MB as a float tensor, not the 40 GB of an unchecked 1e10
 
 
 class DataError(ValueError):
@@ -162,7 +164,9 @@ class DataError(ValueError):
 
 def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
     """Qwen2-VL's resize: both sides multiples of `factor`, h*w in [min_pixels, max_pixels], aspect kept."""
-    assert factor * factor <= min_pixels <= max_pixels, f"need {factor}^2 <= min_pixels <= max_pixels"
+    if not factor * factor <= min_pixels <= max_pixels <= MAX_PIXELS:
+        raise ValueError(f"need {factor * factor} <= min_pixels ({min_pixels}) <= max_pixels ({max_pixels}) "
+                         f"<= {MAX_PIXELS} (data.MAX_PIXELS)")
     if max(h, w) / min(h, w) > MAX_ASPECT:
         raise DataError(f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is over {MAX_ASPECT}:1")
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)

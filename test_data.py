@@ -548,3 +548,14 @@ def test_too_long_skipped_with_warning():
     assert loader.too_long > 0 and loader.skipped == loader.too_long
     assert all((x["doc_ids"] >= 0).sum() <= 60 for x in b)
     assert loader.state_dict()["too_long"] == loader.too_long
+
+
+def test_pixel_budget_has_a_ceiling():
+    """A pixel budget above data.MAX_PIXELS (or min over max) is refused before anything is resized: 1e10 px
+    for a 1x1 image would be a 40 GB tensor."""
+    with pytest.raises(ValueError, match="MAX_PIXELS"):
+        data.smart_resize(1, 1, 10 ** 10, 10 ** 10)
+    for lo, hi in ((32 * 32, data.MAX_PIXELS + 1), (128 * 128, 64 * 64)):
+        with pytest.raises(ValueError, match="MAX_PIXELS"):
+            data.smart_resize(1, 1, lo, hi)
+    assert data.smart_resize(1, 1, 32 * 32, data.MAX_PIXELS) == (32, 32)
