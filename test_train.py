@@ -5,6 +5,7 @@ tiny models, a few steps each (the whole file runs in about a minute on 2 cores)
     python -m pytest -q test_train.py
 """
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -327,6 +328,24 @@ def test_nan_stop_names_a_checkpoint_that_resumes(tmp_path, neo_folder):
     ckpt7 = os.path.join(out7, "ckpt.pt")
     assert (f"{ckpt7} holds midtrain step 7" in line and os.path.isfile(ckpt7)) or \
         ("This run saved no checkpoint" in line and not os.path.exists(ckpt7)), line
+
+
+def test_out_dir_is_locked(tmp_path, neo_folder):
+    """A second train.py on an out_dir in use stops with one line naming the pid that holds it (two runs used to
+    write the same ckpt.pt.tmp); a lock whose process died is taken over with a note; a run that ends frees it."""
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    common = TINY + ["--stage=midtrain", "--max_iters=2", f"--init_from={neo_folder}", f"--out_dir={out}"]
+    with open(os.path.join(out, "lock"), "w") as f:  # this process plays the run in progress
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        line = one_line_error(run(common, check=False))
+    assert f"in use by another train.py (pid {os.getpid()}" in line, line
+    with open(os.path.join(out, "lock"), "w") as f:
+        f.write("999999999\n")  # left by a run that died holding it (no process has this pid)
+    assert "pid 999999999 ended without releasing it" in run(common).stdout
+    assert "ended without releasing" not in run(common).stdout  # the last run freed it on its way out
 
 
 def test_unusable_jsonl_stops_with_its_reasons(tmp_path, neo_folder):

@@ -26,7 +26,7 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import numpy as np
@@ -626,8 +626,8 @@ def compile_works(device):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt. A full
-    disk is a TrainError, and leaves the last ckpt.pt as it was."""
+    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt. (One
+    writer per out_dir: out_dir_lock.) A full disk is a TrainError, and leaves the last ckpt.pt as it was."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -664,6 +664,37 @@ def read_checkpoint(path):
         raise TrainError(f"{path} is not a train.py training checkpoint (it lacks {', '.join(sorted(missing))}); "
                          f"start again without --resume=True")
     return ck
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """One run per out_dir: an exclusive flock on out_dir/lock, which holds the owner's pid. The kernel drops
+    the lock when its process ends, however it ends (a crash, kill -9), so a pid left in the file by a dead run
+    is a stale lock: taken over with a note. Where flock is missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = os.path.join(out_dir, "lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise TrainError(f"{out_dir} is in use by another train.py (pid {owner}, {path}): wait for it to "
+                             f"end, stop it (kill {owner}), or pass another --out_dir") from None
+        f.seek(0)
+        if old := f.read().strip():
+            print0(f"{path}: pid {old} ended without releasing it (a crash or a kill); taking it over")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # empty: the last run ended cleanly; closing the file releases the lock
 
 
 def full_state(model, opt, fsdp):
@@ -1101,8 +1132,12 @@ def main(argv=None):
             print(f"  --{f.name}={getattr(TrainConfig, f.name)}")
         return None
     cfg = parse_config(argv)
-    ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.resume and not (cfg.bench or cfg.ablate) else None
-    return run(cfg, argv, ck)
+    if cfg.bench or cfg.ablate:  # bench writes nothing; the ablation's runs lock their own folders
+        return run(cfg, argv)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.resume else None
+        return run(cfg, argv, ck)
 
 
 def run(cfg, argv, ck=None):
