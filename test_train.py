@@ -365,6 +365,19 @@ def test_unusable_jsonl_stops_with_its_reasons(tmp_path, neo_folder):
         f"{mixed}:3" in report, out[-2000:]
 
 
+def test_resume_uses_the_runs_own_config(tmp_path, neo_folder):
+    """--resume=True alone continues with the run's own flags, not the defaults (it used to go on to step 1440 at
+    batch 8); a flag that would change the run is refused with one line naming it; a safe one is taken."""
+    out = str(tmp_path / "o")
+    run(TINY + ["--stage=midtrain", "--max_iters=6", "--batch_size=1", "--eval_interval=2", "--kill_at=3",
+                f"--init_from={neo_folder}", f"--out_dir={out}"])
+    line = one_line_error(run([f"--out_dir={out}", "--resume=True", "--batch_size=8"], check=False, timeout=90), 2)
+    assert "--batch_size=8 differs from the run being resumed (batch_size=1)" in line, line
+    run([f"--out_dir={out}", "--resume=True", "--eval_interval=1"], timeout=120)
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["train_config"]
+    assert len(losses(out)) == 6 and (cfg["batch_size"], cfg["max_iters"], cfg["eval_interval"]) == (1, 6, 1)
+
+
 def test_expected_errors_are_one_line(tmp_path):
     """What the user can fix ends in one line and a non-zero exit, no traceback: values out of range (checked
     before anything runs), a missing --data file, a ckpt.pt of another stage or truncated, a full disk."""
@@ -378,8 +391,8 @@ def test_expected_errors_are_one_line(tmp_path):
     out = str(tmp_path / "o")
     common = TINY + ["--max_iters=2", f"--out_dir={out}"]
     run(common + ["--stage=llm"])
-    line = one_line_error(run(common + ["--stage=pretrain", "--resume=True"], check=False))
-    assert "ckpt.pt holds stage llm, which this run (pretrain) does not train" in line, line
+    line = one_line_error(run(common + ["--stage=pretrain", "--resume=True"], check=False), 2)
+    assert "--stage=pretrain differs from the run being resumed (stage='llm')" in line, line
     ck = os.path.join(out, "ckpt.pt")
     with open(ck, "r+b") as f:
         f.truncate(os.path.getsize(ck) // 2)

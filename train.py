@@ -147,6 +147,14 @@ class TrainError(RuntimeError):
     checkpoint, a full disk): one line on stderr, exit code 1."""
 
 
+# Keys a resumed run may change (--resume=True): where and how fast it runs, what it logs, evaluates and
+# checkpoints, and the step size (the remedy after a NaN stop). Any other key that differs from the checkpoint's
+# config is refused: it would silently make another run out of this one (another schedule, batch, data or model).
+RESUME_SAFE = ("out_dir", "resume", "kill_at", "device", "dtype", "compile", "threads", "num_workers", "fsdp",
+               "grad_checkpointing", "log_interval", "eval_interval", "eval_samples", "eval_batch", "blind",
+               "eval_every_stage", "learning_rate", "grad_clip")
+
+
 def coerce(key, value, default):
     """A string (command line) or Python value (config file) -> the type of the key's default."""
     kind = type(default)
@@ -178,9 +186,10 @@ def coerce(key, value, default):
     return value
 
 
-def parse_config(argv):
-    """[config.py] --key=value ... -> TrainConfig, every key's range checked. Raises ConfigError with one line
-    saying what is wrong."""
+def parse_config(argv, saved=None):
+    """[config.py] --key=value ... -> TrainConfig, every key's range checked. saved: the config of the run being
+    resumed (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in
+    RESUME_SAFE must keep its saved value. Raises ConfigError with one line saying what is wrong."""
     defaults = TrainConfig()
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     given = {}
@@ -201,10 +210,18 @@ def parse_config(argv):
         if k not in valid:
             raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(valid)}")
         given[k] = coerce(k, v, valid[k])
-    model = given.get("model", defaults.model)
-    if model not in PRESETS:
-        raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
-    base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
+    if saved is not None:
+        for k, v in given.items():
+            if k not in RESUME_SAFE and k in saved and saved[k] != v:
+                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
+                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
+                                  f"run in another --out_dir")
+        base = {**asdict(defaults), **{k: v for k, v in saved.items() if k in valid}, "kill_at": 0}
+    else:
+        model = given.get("model", defaults.model)
+        if model not in PRESETS:
+            raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
+        base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
     cfg = TrainConfig(**{**base, **given})
     check_config(cfg)
     return cfg
@@ -1136,7 +1153,10 @@ def main(argv=None):
         return run(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
-        ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.resume else None
+        ck = None
+        if cfg.resume:  # the run's own config: this command line may change only the keys in RESUME_SAFE
+            ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+            cfg = parse_config(argv, saved={**ck["train_config"], "out_dir": cfg.out_dir})
         return run(cfg, argv, ck)
 
 
