@@ -154,15 +154,24 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 FACTOR = 32             # one visual token = 32x32 px (16-px patches, 2x2 downsampling)
 MAX_ASPECT = 200        # Qwen2-VL / NEO reject longer strips
 MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
+MAX_PIXELS = 16384 * FACTOR * FACTOR  # pixel budget ceiling: 16384 visual tokens (Qwen2-VL's default token budget),
+#                                       a 4096x4096 image; 200 MB as a float tensor, not the 40 GB of an unchecked 1e10
 
 
 class DataError(ValueError):
-    """A file or record that cannot be used; the message names it and says why."""
+    """A file or record that cannot be used; the message names it and says why. `reason` is its kind, the key
+    of the loader's skip report."""
+
+    def __init__(self, msg, reason="unusable image or video"):
+        super().__init__(msg)
+        self.reason = reason
 
 
 def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
     """Qwen2-VL's resize: both sides multiples of `factor`, h*w in [min_pixels, max_pixels], aspect kept."""
-    assert factor * factor <= min_pixels <= max_pixels, f"need {factor}^2 <= min_pixels <= max_pixels"
+    if not factor * factor <= min_pixels <= max_pixels <= MAX_PIXELS:
+        raise ValueError(f"need {factor * factor} <= min_pixels ({min_pixels}) <= max_pixels ({max_pixels}) "
+                         f"<= {MAX_PIXELS} (data.MAX_PIXELS)")
     if max(h, w) / min(h, w) > MAX_ASPECT:
         raise DataError(f"aspect ratio {max(h, w) / min(h, w):.0f}:1 is over {MAX_ASPECT}:1")
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
@@ -306,6 +315,9 @@ def image_span(img, ids):
     return [ids["img_start"]] + [ids["img_context"]] * n + [ids["img_end"]]
 
 
+PLACEHOLDERS = "images and <image> placeholders disagree"
+
+
 def encode_chat(enc, messages, images=()):
     """messages [(role, text)], each `<image>` in a text takes the next image -> sample dict.
     Template `<|im_start|>{role}\\n{content}<|im_end|>\\n`; labels on assistant content and its <|im_end|>."""
@@ -323,14 +335,14 @@ def encode_chat(enc, messages, images=()):
         for j, part in enumerate(text.split("<image>")):
             if j > 0:
                 if k >= len(images):
-                    raise DataError(f"more <image> placeholders than the {len(images)} images given")
+                    raise DataError(f"more <image> placeholders than the {len(images)} images given", PLACEHOLDERS)
                 add(image_span(images[k], ids), False)
                 k += 1
             add(enc.encode(part, disallowed_special=()), sup)  # user text "<|im_end|>" stays plain text
         add([ids["im_end"]], sup)
         add(nl, False)
     if k != len(images):
-        raise DataError(f"{len(images)} images but {k} <image> placeholders")
+        raise DataError(f"{len(images)} images but {k} <image> placeholders", PLACEHOLDERS)
     return {"input_ids": input_ids, "labels": labels, "images": list(images)}
 
 
@@ -814,6 +826,20 @@ def score(preds):
 # -----------------------------------------------------------------------------
 # LLaVA / NEO JSON(L) datasets
 
+MALFORMED = "malformed record (a field missing or of the wrong type)"
+
+
+def skip_reason(e):
+    """A record's error -> its kind, the key of the loader's skip report."""
+    if isinstance(e, DataError):
+        return e.reason
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+        return "not valid JSON"
+    if isinstance(e, OSError):
+        return "unusable image or video"
+    return MALFORMED
+
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -821,7 +847,10 @@ class JSONLDataset:
     """Records {image: str|[str], images: [str], video: str|[str], conversations: [{from, value}]} (or
     {image, caption} pre-training pairs) from one or more .jsonl/.json files: "a.jsonl%50,b.json%200" keeps a
     fixed 50% of a and repeats b twice. JSONL is read lazily through line offsets; a .json list is loaded.
-    Indexing returns a sample, or None for a bad record or unreadable image (counted in self.bad)."""
+    Indexing returns a sample, or None for a bad record or unreadable image (counted in self.bad; why in
+    self.last_reason and self.last_error, which names the file and line).
+    Paths are joined to image_root as they are: an absolute path or '..' reads a file anywhere the user can,
+    as a local training script should; image_root is a convenience, not a boundary."""
 
     def __init__(self, spec, image_root="", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, stage="sft",
                  video_frames=8, video_max_pixels=None, seed=0):
@@ -830,10 +859,8 @@ class JSONLDataset:
         # per-frame budget: a quarter of an image's, so 8 frames cost about two images
         self.video_max_pixels = video_max_pixels or max(min_pixels, max_pixels // 4)
         self.files, files, recs = [], [], []
-        for part in spec.split(","):
-            path, _, rate = part.rpartition("%")
-            path, rate = (path, float(rate)) if path and re.fullmatch(r"[\d.]+", rate) else (part, 100.0)
-            self.files.append((path, self.index(path)))
+        for path, rate in self.parse_spec(spec):
+            self.files.append((path, *self.index(path)))
             n = len(self.files[-1][1])
             m = round(n * rate / 100)
             # rate < 100: a fixed random subset (in file order); > 100: the file repeated
@@ -841,26 +868,50 @@ class JSONLDataset:
             recs.append(keep if m < n else np.resize(np.arange(n), m))
             files.append(np.full(m, len(self.files) - 1))
         self.file_of, self.rec_of = np.concatenate(files), np.concatenate(recs)
-        self.bad, self.last_error = 0, ""
+        if len(self.rec_of) == 0:
+            raise DataError(f"{spec}: no records (empty file, or a rate that keeps none)", "no records")
+        self.bad, self.last_error, self.last_reason = 0, "", ""
+
+    @staticmethod
+    def parse_spec(spec):
+        """'a.jsonl%50,b.json' -> [(path, rate in %)]; a missing file is a DataError."""
+        out = []
+        for part in spec.split(","):
+            path, _, rate = part.rpartition("%")
+            path, rate = (path, float(rate)) if path and re.fullmatch(r"[\d.]+", rate) else (part, 100.0)
+            if not os.path.isfile(path):
+                raise DataError(f"{path or repr(path)}: no such file (--data takes 'shapes' or JSON/JSONL files, "
+                                f"'a.jsonl%50,b.json')", "no such file")
+            out.append((path, rate))
+        return out
 
     @staticmethod
     def index(path):
+        """-> (records: a list for .json, line offsets for JSONL; line numbers of the JSONL records or None)."""
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        offsets, pos = [], 0
+            try:
+                with open(path, encoding="utf-8") as f:
+                    recs = json.load(f)
+            except ValueError as e:
+                raise DataError(f"{path}: not valid JSON ({e})", "not valid JSON") from None
+            if not isinstance(recs, list):
+                raise DataError(f"{path}: a .json dataset is a list of records, got a {type(recs).__name__}",
+                                "not a list of records")
+            return recs, None
+        offsets, lines, pos = [], [], 0
         with open(path, "rb") as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
                 if line.strip():
                     offsets.append(pos)
+                    lines.append(n)
                 pos += len(line)
-        return np.array(offsets, dtype=np.int64)
+        return np.array(offsets, dtype=np.int64), np.array(lines, dtype=np.int64)
 
     def __len__(self):
         return len(self.rec_of)
 
     def record(self, i):
-        path, recs = self.files[self.file_of[i]]
+        path, recs, _ = self.files[self.file_of[i]]
         r = recs[self.rec_of[i]]
         if isinstance(recs, list):
             return r
@@ -868,12 +919,19 @@ class JSONLDataset:
             f.seek(int(r))
             return json.loads(f.readline())
 
+    def where(self, i):
+        """Record i as 'file:line' (JSONL) or 'file record k' (.json), for the skip report."""
+        path, _, lines = self.files[self.file_of[i]]
+        k = int(self.rec_of[i])
+        return f"{path}:{lines[k]}" if lines is not None else f"{path} record {k}"
+
     def __getitem__(self, i):
         try:
             return self.to_sample(self.record(i))
         except (DataError, ValueError, KeyError, IndexError, TypeError, AttributeError, OSError) as e:
             self.bad += 1
-            self.last_error = f"record {i}: {e}"
+            self.last_reason = skip_reason(e)
+            self.last_error = f"{self.where(i)}: {e if isinstance(e, DataError) else f'{type(e).__name__}: {e}'}"
             return None
 
     def to_sample(self, rec):
@@ -882,7 +940,7 @@ class JSONLDataset:
         files = [files] if isinstance(files, str) else files
         video = rec.get("video")
         if self.stage == "llm" and (files or video):
-            raise DataError("an image or video record in the text-only llm stage")
+            raise DataError("an image or video record in the text-only llm stage", "image or video in the llm stage")
         if "conversations" not in rec:  # a pre-training pair
             return encode_pair(self.enc, [load_image(path(f), self.min_pixels, self.max_pixels) for f in files],
                                rec.get("caption", rec.get("text")))
@@ -895,12 +953,14 @@ class JSONLDataset:
         if video and "<video>" not in text:
             msgs[first] = ("user", "<video>\n" + msgs[first][1])
         # expand the placeholders in order: each <image> takes the next file, <video> its frames
-        images, files = [], list(files)
+        images, files, n_files = [], list(files), len(files)
         out = []
         for role, t in msgs:
             parts = re.split(r"(<image>|<video>)", t)
             for j, p in enumerate(parts):
                 if p == "<image>":
+                    if not files:
+                        raise DataError(f"more <image> placeholders than its {n_files} image files", PLACEHOLDERS)
                     images.append(load_image(path(files.pop(0)), self.min_pixels, self.max_pixels))
                 elif p == "<video>":
                     v = [path(f) for f in video] if isinstance(video, list) else path(video)
@@ -908,6 +968,8 @@ class JSONLDataset:
                     images.extend(frames)
                     parts[j] = video_prompt(ts, dur)
             out.append((role, "".join(parts)))
+        if files:
+            raise DataError(f"{n_files} image files but {n_files - len(files)} <image> placeholders", PLACEHOLDERS)
         return encode_chat(self.enc, out, images)
 
 
@@ -933,8 +995,9 @@ class _Batches(torch.utils.data.IterableDataset):
 
 class PackedLoader:
     """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
-    [i] -> sample or None). state_dict()/load_state_dict() resume exactly; `skipped` counts bad and too-long
-    samples."""
+    [i] -> sample or None). state_dict()/load_state_dict() resume exactly. Unusable samples are skipped and
+    counted per reason (`skips`, with the first few offenders in `examples`; report() says it in lines); a
+    warning names each reason when its count reaches 1, 10, 100, ..."""
 
     def __init__(self, source, batch_size=16, max_seq_len=512, rank=0, world_size=1, seed=0, num_workers=0,
                  patience=4):
@@ -942,24 +1005,48 @@ class PackedLoader:
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
         self.patience = patience  # stop filling a batch after this many samples in a row found no room
         self.pad_id = special_ids(source.enc)["eot"]
-        self.step, self.bad, self.too_long = 0, 0, 0
+        self.too_long_reason = f"longer than max_seq_len={max_seq_len}"
+        self.step, self.skips, self.examples = 0, {}, {}
 
     @property
     def skipped(self):
-        return self.bad + self.too_long
+        return sum(self.skips.values())
+
+    @property
+    def too_long(self):
+        return self.skips.get(self.too_long_reason, 0)
+
+    @property
+    def bad(self):
+        return self.skipped - self.too_long
+
+    def skip_why(self, i, s):
+        """Sample i (None: the source could not make it) -> (reason, where and what) if unusable, else None."""
+        where = self.source.where(i) if hasattr(self.source, "where") else f"sample {i}"
+        if s is None:
+            return (getattr(self.source, "last_reason", "") or "bad sample",
+                    getattr(self.source, "last_error", "") or where)
+        if len(s["input_ids"]) > self.max_seq_len:
+            return self.too_long_reason, f"{where} ({len(s['input_ids'])} tokens)"
+        # a sample without a target teaches nothing, and 0 tokens always fit a row: the batch would never fill
+        if all(t == IGNORE_INDEX for t in s["labels"][1:]):
+            return "nothing to learn (no assistant turn or caption)", where
+        return None
 
     def make_batch(self, k):
-        """Global batch k -> (batch, n_bad, n_too_long)."""
+        """Global batch k -> (batch, {reason: [count, first example]} of the samples skipped for it)."""
         rng = random.Random(f"batch/{self.seed}/{k}")
         rows, free = [[] for _ in range(self.batch_size)], [self.max_seq_len] * self.batch_size
-        misses = n_bad = n_long = 0
+        misses, skips = 0, {}
         while misses < self.patience:
-            s = self.source[rng.randrange(len(self.source))]
-            if s is None or len(s["input_ids"]) > self.max_seq_len:
-                n_bad, n_long = n_bad + (s is None), n_long + (s is not None)
-                if n_bad + n_long > 1000 and not any(rows):
-                    raise DataError(f"no usable sample in 1000 draws ({n_bad} bad, {n_long} longer than max_seq_len "
-                                    f"{self.max_seq_len}); last error: {getattr(self.source, 'last_error', '')}")
+            i = rng.randrange(len(self.source))
+            s = self.source[i]
+            why = self.skip_why(i, s)
+            if why:
+                skips.setdefault(why[0], [0, why[1]])[0] += 1
+                if sum(n for n, _ in skips.values()) > 1000 and not any(rows):
+                    raise DataError("no usable sample in 1000 draws: " + "; ".join(
+                        f"{n} {r} (first: {ex[:200]})" for r, (n, ex) in skips.items()), "no usable sample")
                 continue
             b = next((b for b in range(self.batch_size) if free[b] >= len(s["input_ids"])), None)
             if b is None:
@@ -967,27 +1054,38 @@ class PackedLoader:
                 continue
             rows[b].append(s)
             free[b] -= len(s["input_ids"])
-        return collate(rows, self.max_seq_len, self.pad_id), n_bad, n_long
+        return collate(rows, self.max_seq_len, self.pad_id), skips
 
     def __iter__(self):
         ds = _Batches(self, self.step)
         it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)) \
             if self.num_workers > 0 else iter(ds)
-        for batch, n_bad, n_long in it:
+        for batch, skips in it:
             self.step += 1
-            self.bad += n_bad
-            if n_long:
-                before, self.too_long = self.too_long, self.too_long + n_long
-                if len(str(before)) != len(str(self.too_long)) or before == 0:  # at 1, 10, 100, ...
-                    warnings.warn(f"skipped {self.too_long} samples longer than max_seq_len={self.max_seq_len} so far")
+            for reason, (n, example) in skips.items():
+                before = self.skips.get(reason, 0)
+                self.skips[reason] = before + n
+                if len(self.examples.setdefault(reason, [])) < 3:
+                    self.examples[reason].append(example[:300])
+                if len(str(before)) != len(str(before + n)) or before == 0:  # at 1, 10, 100, ...
+                    warnings.warn(f"skipped {before + n} samples {reason} so far (first: {self.examples[reason][0]})")
             yield batch
+
+    def report(self):
+        """The skips as lines, most frequent reason first: count, reason, the first few offenders."""
+        return [f"{n} {r}; first: " + " | ".join(self.examples.get(r, [])) for r, n in
+                sorted(self.skips.items(), key=lambda kv: -kv[1])]
 
     def state_dict(self):
         # batches consumed over all ranks: a resume with another world size continues from the same place
-        return {"batches": self.step * self.world_size, "bad": self.bad, "too_long": self.too_long, "seed": self.seed}
+        return {"batches": self.step * self.world_size, "bad": self.bad, "too_long": self.too_long, "seed": self.seed,
+                "skips": dict(self.skips), "examples": {r: list(e) for r, e in self.examples.items()}}
 
     def load_state_dict(self, s):
-        self.step, self.bad, self.too_long = s["batches"] // self.world_size, s["bad"], s["too_long"]
+        self.step = s["batches"] // self.world_size
+        self.skips = dict(s.get("skips") or {"bad sample": s["bad"], self.too_long_reason: s["too_long"]})
+        self.skips = {r: n for r, n in self.skips.items() if n}
+        self.examples = {r: list(e) for r, e in s.get("examples", {}).items()}
 
 
 # -----------------------------------------------------------------------------

@@ -539,10 +539,11 @@ class NEO(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                        eos_id=None, seed=None, use_cache=True):
+                        eos_id=None, seed=None, use_cache=True, vocab_limit=None):
         """Yield new token ids one at a time (B = 1 rows are yielded as ints, else (B,) tensors).
         Prefill once with the mixed mask, then decode through a preallocated KV cache. use_cache=False
-        re-runs the whole sequence every step: the slow reference the tests compare against."""
+        re-runs the whole sequence every step: the slow reference the tests compare against.
+        vocab_limit: the tokenizer's size; ids from it up (the vocabulary's padding) are never emitted."""
         B, L = input_ids.shape
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
         if use_cache:
@@ -557,6 +558,8 @@ class NEO(nn.Module):
         no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):
             logits[:, -1, no_img] = float("-inf")  # never emit an image span: there is no image to put in it
+            if vocab_limit:  # nor an id past the tokenizer (the vocabulary's padding): it cannot be decoded
+                logits[:, -1, vocab_limit:] = float("-inf")
             nxt = sample_next(logits[:, -1], temperature, top_k, gen)  # (B,)
             yield int(nxt[0]) if B == 1 else nxt
             if eos_id is not None:
@@ -572,10 +575,11 @@ class NEO(nn.Module):
                 logits, _ = self(seq, images, last_only=True)
 
     def generate(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None,
-                 seed=None, use_cache=True):
+                 seed=None, use_cache=True, vocab_limit=None):
         """-> (B, n_new) new token ids (stops early once every row has produced eos_id)."""
         toks = [torch.as_tensor(t, device=input_ids.device).reshape(-1) for t in
-                self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache)]
+                self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache,
+                                     vocab_limit)]
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
     # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
@@ -599,7 +603,8 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
     """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k clamped to the vocabulary."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max first: a tiny temperature gives -inf, not nan
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))

@@ -47,6 +47,22 @@ def why(e):
     return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
+def check_out_png(path, flag):
+    """Refuse an output picture path that could not be written, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SampleError(f"{flag} {path}: the folder {folder} does not exist; create it or pick another path")
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+        raise SampleError(f"{flag} {path}: not an image file name PIL can write; end it in .png")
+
+
+def save_png(im, path):
+    try:
+        im.save(path)
+    except (OSError, ValueError) as e:  # a full disk, no permission
+        raise SampleError(f"cannot write {path} ({why(e)})") from None
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Caption an image, several images or a video with NEO.")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
@@ -261,7 +277,7 @@ def draw_mask(path):
     for k, name in enumerate(names):
         d.rectangle([8 + 190 * k, y + 24, 22 + 190 * k, y + 38], fill=colors[k])
         d.text((28 + 190 * k, y + 24), name, fill="black", font=font)
-    im.save(path)
+    save_png(im, path)
     print(f"wrote {path}: row i attends to column j where filled; each image/frame uses one t, (h, w) = its grid")
 
 
@@ -275,7 +291,7 @@ def heatmap(values, grid, base, path):
     v = np.asarray(Image.fromarray(v.astype(np.float32), "F").resize(base.size, Image.BILINEAR))  # (H, W)
     heat = np.stack([np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1)], axis=-1) * 255  # r, g, b
     out = 0.5 * np.asarray(base.convert("RGB"), dtype=np.float32) + 0.5 * heat
-    Image.fromarray(out.clip(0, 255).astype(np.uint8)).save(path)
+    save_png(Image.fromarray(out.clip(0, 255).astype(np.uint8)), path)
 
 
 def to_pil(x):
@@ -289,6 +305,9 @@ def to_pil(x):
 
 def main(argv=None):
     args = get_args(argv)
+    for flag in ("draw_mask", "show_attention"):
+        if getattr(args, flag):
+            check_out_png(getattr(args, flag), f"--{flag}")
     if args.draw_mask:
         return draw_mask(args.draw_mask)
     device = args.device if args.device != "auto" else (
@@ -300,8 +319,17 @@ def main(argv=None):
                                           "bfloat16" if "cuda" in device else "float32")
     if not args.image and not args.video:
         raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
-    if args.num_frames < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-        raise SampleError("--num_frames and --max_new_tokens must be at least 1, --temperature at least 0")
+    if args.num_frames < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf"):
+        raise SampleError(f"--num_frames and --max_new_tokens must be at least 1, --temperature a number from 0 "
+                          f"(greedy) up, got {args.num_frames}, {args.max_new_tokens}, {args.temperature}")
+    for flag in ("prompt", "system"):
+        if "<image>" in (getattr(args, flag) or ""):
+            raise SampleError(f"--{flag} holds '<image>': sample.py puts each --image / --video frame into the "
+                              f"prompt itself; leave the placeholder out")
+    for flag in ("min_pixels", "max_pixels"):
+        if getattr(args, flag) is not None and not 32 * 32 <= getattr(args, flag) <= data.MAX_PIXELS:
+            raise SampleError(f"--{flag}={getattr(args, flag)} is outside 1024 (one 32x32 visual token) to "
+                              f"{data.MAX_PIXELS} (data.MAX_PIXELS, a 4096x4096 image)")
     top_k = args.top_k if args.top_k and args.top_k > 0 else None
 
     # the model: --init_from, else the toy pipeline's final stage in out_dir
@@ -315,7 +343,7 @@ def main(argv=None):
     system = args.system if args.system is not None else (NEO_SYSTEM if template == "neo" else "")
 
     # images and video frames, at native resolution within the pixel budget
-    max_px = args.max_pixels or cfg.max_pixels
+    max_px = args.max_pixels or min(cfg.max_pixels, data.MAX_PIXELS)
     min_px = args.min_pixels or min(cfg.min_pixels, max_px)
     if not 32 * 32 <= min_px <= max_px:
         raise SampleError(f"need 1024 <= --min_pixels ({min_px}) <= --max_pixels ({max_px})")
@@ -342,7 +370,10 @@ def main(argv=None):
 
     question = args.prompt or default_question(len(args.image), args.video, template)
     msgs = build_messages(question, len(args.image), video_text, template, system)
-    prompt = data.build_prompt(enc, msgs, images)
+    try:
+        prompt = data.build_prompt(enc, msgs, images)
+    except data.DataError as e:
+        raise SampleError(f"cannot build the prompt ({e})") from None
     L = len(prompt["input_ids"])
     if L >= cfg.max_seq_len:
         raise SampleError(f"the prompt with its images is {L} tokens, over the model's context of {cfg.max_seq_len}: "
@@ -374,7 +405,7 @@ def main(argv=None):
             yield tok
 
     stream = model.generate_stream(x, imgs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed)
+                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed, vocab_limit=enc.n_vocab)
     for piece in text_pieces(record(stream), enc):
         print(piece, end="", flush=True)
     print(flush=True)

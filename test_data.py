@@ -548,3 +548,63 @@ def test_too_long_skipped_with_warning():
     assert loader.too_long > 0 and loader.skipped == loader.too_long
     assert all((x["doc_ids"] >= 0).sum() <= 60 for x in b)
     assert loader.state_dict()["too_long"] == loader.too_long
+
+
+def test_pixel_budget_has_a_ceiling():
+    """A pixel budget above data.MAX_PIXELS (or min over max) is refused before anything is resized: 1e10 px
+    for a 1x1 image would be a 40 GB tensor."""
+    with pytest.raises(ValueError, match="MAX_PIXELS"):
+        data.smart_resize(1, 1, 10 ** 10, 10 ** 10)
+    for lo, hi in ((32 * 32, data.MAX_PIXELS + 1), (128 * 128, 64 * 64)):
+        with pytest.raises(ValueError, match="MAX_PIXELS"):
+            data.smart_resize(1, 1, lo, hi)
+    assert data.smart_resize(1, 1, 32 * 32, data.MAX_PIXELS) == (32, 32)
+
+
+def test_empty_conversations_do_not_hang(tmp_path):
+    """Records whose conversations are empty make 0-token samples, which always fit a row: they are skipped as
+    'nothing to learn', and when no record is usable the loader stops with a DataError instead of looping."""
+    p = tmp_path / "empty.jsonl"
+    p.write_text('{"conversations": []}\n' * 5)
+    loader = data.PackedLoader(data.JSONLDataset(str(p), enc=data.get_tokenizer("bytes")), batch_size=2,
+                               max_seq_len=64)
+    with pytest.raises(DataError, match=r"no usable sample.*nothing to learn.*empty\.jsonl:\d"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            next(iter(loader))
+
+
+def test_skips_are_reported_per_reason(tmp_path):
+    """Each kind of unusable record is counted under its own reason, with the first offenders as file:line, and
+    the counts survive a resume through state_dict."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    conv = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    lines = [json.dumps({"image": "red.png", "conversations": conv("<image>What colour?", "red")}),  # line 1: good
+             '{"image": "red.png", "conversations": [',                                            # 2: broken JSON
+             json.dumps({"image": "gone.png", "conversations": conv("<image>?", "x")}),            # 3: no image
+             json.dumps({"conversations": [{"value": "no role"}]}),                                # 4: malformed
+             json.dumps({"conversations": conv("Hi", "")[:1]}),                                    # 5: no answer
+             json.dumps({"conversations": conv("long " * 200, "x")}),                              # 6: too long
+             json.dumps({"images": ["red.png", "red.png"], "conversations": conv("<image>?", "x")})]  # 7: 2 vs 1
+    p = tmp_path / "mix.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), enc=data.get_tokenizer("bytes"))
+    loader = data.PackedLoader(ds, batch_size=2, max_seq_len=256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches(loader, 3)
+    want = {"not valid JSON": ":2", "unusable image or video": ":3",
+            "malformed record (a field missing or of the wrong type)": ":4",
+            "nothing to learn (no assistant turn or caption)": ":5", "longer than max_seq_len=256": ":6",
+            "images and <image> placeholders disagree": ":7"}
+    assert set(loader.skips) == set(want), loader.skips
+    for reason, line in want.items():
+        assert loader.examples[reason][0].startswith(f"{p}{line}"), (reason, loader.examples[reason])
+    assert "gone.png: no such file" in loader.examples["unusable image or video"][0]
+    report = loader.report()
+    assert len(report) == len(want) and all(re.match(r"\d+ ", line) for line in report)
+    assert {str(w.message).split(" so far")[0].split(" samples ")[1] for w in caught
+            if str(w.message).startswith("skipped")} == set(want)
+    again = data.PackedLoader(ds, batch_size=2, max_seq_len=256)
+    again.load_state_dict(loader.state_dict())
+    assert again.skips == loader.skips and again.skipped == loader.skipped == again.bad + again.too_long

@@ -175,6 +175,24 @@ def test_cached_generation_equals_uncached():
     assert len(set(a[0].tolist())) > 1  # not a degenerate constant stream
 
 
+def test_generation_never_emits_vocab_padding():
+    """The toy pads its 545-id tokenizer to 576 ids: with vocab_limit, generation never emits a padding id (the
+    tokenizer could not decode it), even when those are the likeliest, greedy or sampled at any temperature."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg()).eval()
+    forward = model.forward
+
+    def padding_wins(*a, **k):  # every padding id far likelier than any real one
+        logits, loss = forward(*a, **k)
+        return logits.index_fill(-1, torch.arange(545, 576), 1e4), loss
+    model.forward = padding_wins
+    ids = torch.tensor([[1, 2, 3]])
+    assert (model.generate(ids, max_new_tokens=4) >= 545).all()  # the case being guarded against
+    for t in (0.0, 1.0, 1e-45):
+        out = model.generate(ids, max_new_tokens=6, temperature=t, seed=0, vocab_limit=545)
+        assert out.shape == (1, 6) and (out < 545).all(), (t, out)
+
+
 # ---- checkpoints
 
 

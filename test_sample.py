@@ -177,3 +177,27 @@ def test_draw_mask_needs_no_model(tmp_path):
     sample.main(["--draw_mask", str(out), "--out_dir", str(tmp_path / "nothing_here")])
     im = Image.open(out)
     assert im.size == (120 + 23 * 28 + 20, 120 + 23 * 28 + 70)  # 23 tokens in the example sequence
+
+
+def test_more_bad_inputs_end_in_one_line(w):
+    """<image> in --prompt or --system, a temperature that is not a number, a picture into a missing folder, a
+    pixel budget past data.MAX_PIXELS (1e10 px for a 1x1 image was a 40 GB resize): one line, exit 1, before any
+    work (no answer printed). A tiny positive temperature is just near-greedy sampling."""
+    Image.new("RGB", (1, 1), "white").save(w / "dot.png")
+    img = ["--init_from", "ours", "--image", "photo.jpg", "--max_new_tokens=4"]
+    cases = [
+        (img + ["--prompt", "What is in <image> here?"], "--prompt holds '<image>'"),
+        (img + ["--system", "Look at <image>."], "--system holds '<image>'"),
+        (img + ["--temperature=nan"], "--temperature a number"),
+        (img + ["--show_attention", "no_such_dir/attn.png"], "does not exist"),
+        (["--draw_mask", "no_such_dir/mask.png"], "does not exist"),
+        (["--init_from", "ours", "--image", "dot.png", "--min_pixels=10000000000", "--max_pixels=10000000000"],
+         "MAX_PIXELS"),  # last: before the ceiling existed, this one allocated 40 GB
+    ]
+    for args, msg in cases:
+        p = run(*args, cwd=w)
+        err = p.stderr.strip()
+        assert p.returncode == 1 and p.stdout == "", (args, p.stdout, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
+        assert err.startswith("sample.py: ") and msg in err, (args, err)
+    ok(run(*img, "--temperature=1e-45", cwd=w))

@@ -4,6 +4,8 @@ tiny models, a few steps each (the whole file runs in about a minute on 2 cores)
 
     python -m pytest -q test_train.py
 """
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -23,12 +25,12 @@ TINY = [f"--{k}={v}" for k, v in TINY_MODEL.items()] + [
     "--log_interval=100"]
 
 
-def run(args, nproc=1, check=True):
+def run(args, nproc=1, check=True, timeout=300):
     """train.py in a subprocess (torchrun for nproc > 1); returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    p = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -315,3 +317,132 @@ def test_ablation_table(tmp_path):
             (want["rope"], want["mask"], want["rope_theta_hw"], want["n_pre_layers"]), (i, cfg)
     md = open(out / "ablation" / "ablation.md").read().splitlines()
     assert len(md) == 2 + len(names) and md[0].count("|") == len(info["rows"][0]["accuracy"]) + 4
+
+
+# ---- what a hostile or clumsy user runs into: one line and a non-zero exit, never a lost run
+
+
+def one_line_error(p, code=1):
+    """-> the last stderr line, after checking the run ended in it (exit code `code`, no traceback)."""
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == code and "Traceback" not in p.stderr and err and err[-1].startswith("train.py: "), \
+        p.stdout[-2000:] + p.stderr[-3000:]
+    return err[-1]
+
+
+def test_nan_stop_names_a_checkpoint_that_resumes(tmp_path, neo_folder):
+    """--learning_rate=1e3 goes NaN at step 5. With a checkpoint due every step, the one the stop line names
+    holds weights whose loss was finite, so --resume=True with a lower LR gets past the NaN (it used to hold the
+    update that made it); with one every 7 steps, the line says that none was saved (it used to name a file
+    that did not exist)."""
+    out, out7 = str(tmp_path / "o"), str(tmp_path / "o7")
+    common = TINY + ["--stage=midtrain", "--max_iters=12", f"--init_from={neo_folder}"]
+    p = run(common + ["--learning_rate=1e3", "--eval_interval=1", f"--out_dir={out}"], check=False)
+    run(common + ["--learning_rate=1e-4", "--eval_interval=1", f"--out_dir={out}", "--resume=True"])
+    assert len(losses(out)) == 12
+    line = one_line_error(p)
+    assert "not finite" in line and f"{os.path.join(out, 'ckpt.pt')} holds midtrain step" in line, line
+    line = one_line_error(run(common + ["--learning_rate=1e3", "--eval_interval=7", f"--out_dir={out7}"], check=False))
+    ckpt7 = os.path.join(out7, "ckpt.pt")
+    assert (f"{ckpt7} holds midtrain step 7" in line and os.path.isfile(ckpt7)) or \
+        ("This run saved no checkpoint" in line and not os.path.exists(ckpt7)), line
+
+
+def test_out_dir_is_locked(tmp_path, neo_folder):
+    """A second train.py on an out_dir in use stops with one line naming the pid that holds it (two runs used to
+    write the same ckpt.pt.tmp); a lock whose process died is taken over with a note; a run that ends frees it."""
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    common = TINY + ["--stage=midtrain", "--max_iters=2", f"--init_from={neo_folder}", f"--out_dir={out}"]
+    with open(os.path.join(out, "lock"), "w") as f:  # this process plays the run in progress
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        line = one_line_error(run(common, check=False))
+    assert f"in use by another train.py (pid {os.getpid()}" in line, line
+    with open(os.path.join(out, "lock"), "w") as f:
+        f.write("999999999\n")  # left by a run that died holding it (no process has this pid)
+    assert "pid 999999999 ended without releasing it" in run(common).stdout
+    assert "ended without releasing" not in run(common).stdout  # the last run freed it on its way out
+
+
+def test_unusable_jsonl_stops_with_its_reasons(tmp_path, neo_folder):
+    """A JSONL whose records all have empty conversations stops at once with one line giving the reason and the
+    first offending line (0-token samples always fit a row: it used to hang at step 0); a JSONL with some bad
+    records trains, and the stage ends with a count per reason and the offending lines."""
+    empty, mixed = tmp_path / "empty.jsonl", tmp_path / "mixed.jsonl"
+    empty.write_text('{"conversations": []}\n' * 3)
+    good = json.dumps({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})
+    mixed.write_text("\n".join([good, '{"conversations": []}', "{broken", good]) + "\n")
+    common = TINY + ["--stage=sft", "--max_iters=2", f"--init_from={neo_folder}"]
+    line = one_line_error(run(common + [f"--data={empty}", f"--out_dir={tmp_path / 'a'}"], check=False, timeout=120))
+    assert "no usable sample" in line and "nothing to learn" in line and f"{empty}:" in line, line
+    out = run(common + [f"--data={mixed}", f"--out_dir={tmp_path / 'b'}"]).stdout
+    report = out[out.index("[sft] skipped"):]
+    assert "nothing to learn" in report and f"{mixed}:2" in report and "not valid JSON" in report and \
+        f"{mixed}:3" in report, out[-2000:]
+
+
+def test_resume_uses_the_runs_own_config(tmp_path, neo_folder):
+    """--resume=True alone continues with the run's own flags, not the defaults (it used to go on to step 1440 at
+    batch 8); a flag that would change the run is refused with one line naming it; a safe one is taken."""
+    out = str(tmp_path / "o")
+    run(TINY + ["--stage=midtrain", "--max_iters=6", "--batch_size=1", "--eval_interval=2", "--kill_at=3",
+                f"--init_from={neo_folder}", f"--out_dir={out}"])
+    line = one_line_error(run([f"--out_dir={out}", "--resume=True", "--batch_size=8"], check=False, timeout=90), 2)
+    assert "--batch_size=8 differs from the run being resumed (batch_size=1)" in line, line
+    run([f"--out_dir={out}", "--resume=True", "--eval_interval=1"], timeout=120)
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["train_config"]
+    assert len(losses(out)) == 6 and (cfg["batch_size"], cfg["max_iters"], cfg["eval_interval"]) == (1, 6, 1)
+
+
+def test_expected_errors_are_one_line(tmp_path):
+    """What the user can fix ends in one line and a non-zero exit, no traceback: values out of range (checked
+    before anything runs), a missing --data file, a ckpt.pt of another stage or truncated, a full disk."""
+    for bad in (["--learning_rate=-1"], ["--threads=-1"], ["--grad_clip=0"], ["--beta2=1"], ["--seed=-1"],
+                ["--min_lr_ratio=2"], ["--learning_rate=nan"], ["--max_iters=-5"], ["--eval_batch=0"],
+                ["--n_head=3"], ["--device=gpu"], ["--data=nowhere.jsonl"], ["--data="], ["--init_from=nowhere"]):
+        with pytest.raises(train.ConfigError):
+            train.parse_config(bad)
+    assert "--learning_rate must be >= 0" in one_line_error(run(["--learning_rate=-1"], check=False), 2)
+    assert "no such file" in one_line_error(run(["--stage=sft", "--data="], check=False), 2)
+    out = str(tmp_path / "o")
+    common = TINY + ["--max_iters=2", f"--out_dir={out}"]
+    run(common + ["--stage=llm"])
+    line = one_line_error(run(common + ["--stage=pretrain", "--resume=True"], check=False), 2)
+    assert "--stage=pretrain differs from the run being resumed (stage='llm')" in line, line
+    ck = os.path.join(out, "ckpt.pt")
+    with open(ck, "r+b") as f:
+        f.truncate(os.path.getsize(ck) // 2)
+    assert "cannot be read" in one_line_error(run(common + ["--stage=llm", "--resume=True"], check=False))
+    if os.path.exists("/dev/full"):  # a full disk: every write to it fails with ENOSPC
+        full = tmp_path / "full"
+        os.makedirs(full)
+        os.symlink("/dev/full", full / "ckpt.pt.tmp")
+        line = one_line_error(run(common[:-1] + ["--stage=llm", f"--out_dir={full}"], check=False))
+        assert "cannot write" in line and not os.path.lexists(full / "ckpt.pt.tmp"), line
+
+
+def test_evaluation_never_meets_an_undecodable_id():
+    """The toy tokenizer's ids are padded to the model's 576: even a model that prefers the padding ids is scored
+    (generation never emits them), where the end-of-stage evaluation used to die with a KeyError in decode."""
+    enc = train.data.get_tokenizer("shapes")
+    sp = train.data.special_ids(enc)
+    model = NEO(tiny_cfg(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"]))
+    forward = model.forward
+
+    def padding_wins(*a, **k):
+        logits, loss = forward(*a, **k)
+        return logits.index_fill(-1, torch.arange(enc.n_vocab, model.cfg.vocab_size), 1e4), loss
+    model.forward = padding_wins
+    acc = train.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
+                         families=["text", "color"])
+    assert set(acc) == {"text", "color"}
+
+
+def test_divergence_is_reported(tmp_path):
+    """A run blown up by its LR without a NaN (the loss ends far above where it started) ends with a warning."""
+    p = run(TINY + ["--stage=llm", "--max_iters=10", "--learning_rate=100", f"--out_dir={tmp_path / 'o'}"])
+    assert "diverged" in p.stderr, p.stderr[-2000:]
+    assert train.diverged([6, 6, 5, 30, 26808]) and not train.diverged([6, 5, 4, 3, 2.5] * 2)
+    assert not train.diverged([6, 7])  # too short to tell

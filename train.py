@@ -18,13 +18,15 @@ Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (ever
 patch embedding frozen) -> spatial (toy only, with --spatial_curriculum: yes/no spatial questions alone) -> sft
 (the same as midtrain, conversations). `--stage=all` runs them in order, each from the previous one's folder.
 """
+import errno
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import numpy as np
@@ -137,7 +139,20 @@ PAPER_ORDER = [s for s in ORDER if STAGES[s]["paper"]]  # full scale: llm and sp
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad command line or config: one line on stderr, exit code 2."""
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on for a reason the user can act on (a NaN, a locked out_dir, an unreadable
+    checkpoint, a full disk): one line on stderr, exit code 1."""
+
+
+# Keys a resumed run may change (--resume=True): where and how fast it runs, what it logs, evaluates and
+# checkpoints, and the step size (the remedy after a NaN stop). Any other key that differs from the checkpoint's
+# config is refused: it would silently make another run out of this one (another schedule, batch, data or model).
+RESUME_SAFE = ("out_dir", "resume", "kill_at", "device", "dtype", "compile", "threads", "num_workers", "fsdp",
+               "grad_checkpointing", "log_interval", "eval_interval", "eval_samples", "eval_batch", "blind",
+               "eval_every_stage", "learning_rate", "grad_clip")
 
 
 def coerce(key, value, default):
@@ -171,8 +186,10 @@ def coerce(key, value, default):
     return value
 
 
-def parse_config(argv):
-    """[config.py] --key=value ... -> TrainConfig. Raises ConfigError with one line saying what is wrong."""
+def parse_config(argv, saved=None):
+    """[config.py] --key=value ... -> TrainConfig, every key's range checked. saved: the config of the run being
+    resumed (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in
+    RESUME_SAFE must keep its saved value. Raises ConfigError with one line saying what is wrong."""
     defaults = TrainConfig()
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     given = {}
@@ -193,24 +210,80 @@ def parse_config(argv):
         if k not in valid:
             raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(valid)}")
         given[k] = coerce(k, v, valid[k])
-    model = given.get("model", defaults.model)
-    if model not in PRESETS:
-        raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
-    base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
+    if saved is not None:
+        for k, v in given.items():
+            if k not in RESUME_SAFE and k in saved and saved[k] != v:
+                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
+                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
+                                  f"run in another --out_dir")
+        base = {**asdict(defaults), **{k: v for k, v in saved.items() if k in valid}, "kill_at": 0}
+    else:
+        model = given.get("model", defaults.model)
+        if model not in PRESETS:
+            raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
+        base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
     cfg = TrainConfig(**{**base, **given})
-    checks = [("stage", cfg.stage in ORDER + ["all"], "|".join(ORDER + ["all"])),
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Every key's range, the model's shape and the files named, before anything runs (ConfigError)."""
+    for f in fields(cfg):
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ConfigError(f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
+    preset = lambda k: (k, getattr(cfg, k) == -1 or getattr(cfg, k) >= 1, ">= 1, or -1 (the preset's)")
+    checks = [("model", cfg.model in PRESETS, "|".join(PRESETS)),
+              ("stage", cfg.stage in ORDER + ["all"], "|".join(ORDER + ["all"])),
               ("rope", cfg.rope in ("native", "1d"), "native|1d"),
               ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
               ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
+              ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "auto|cpu|cuda|cuda:N|mps"),
+              ("out_dir", cfg.out_dir.strip(), "a folder"),
               ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
               ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
               ("log_interval", cfg.log_interval >= 1, ">= 1"),
+              ("max_iters", cfg.max_iters >= 0, ">= 0 (0 = the stage's recipe)"),
+              ("iters_scale", cfg.iters_scale > 0, "> 0"),
+              ("learning_rate", cfg.learning_rate >= 0, ">= 0 (0 = the stage's recipe)"),
+              ("min_lr_ratio", cfg.min_lr_ratio == -1 or 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], or -1 (the recipe's)"),
+              ("warmup_iters", cfg.warmup_iters >= -1, ">= 0, or -1 (the recipe's)"),
+              ("vision_lr_scale", cfg.vision_lr_scale == -1 or cfg.vision_lr_scale >= 0, ">= 0, or -1 (the recipe's)"),
+              ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+              ("grad_clip", cfg.grad_clip > 0, "> 0"),
+              ("threads", cfg.threads >= 0, ">= 0 (0 = torch's default)"),
+              ("num_workers", cfg.num_workers >= 0, ">= 0"),
+              ("seed", 0 <= cfg.seed < 2 ** 31, "in [0, 2^31)"),
+              ("eval_samples", cfg.eval_samples >= 0, ">= 0"), ("eval_batch", cfg.eval_batch >= 1, ">= 1"),
+              ("kill_at", cfg.kill_at >= 0, ">= 0"),
+              ("rope_theta_hw", cfg.rope_theta_hw == -1 or cfg.rope_theta_hw > 0, "> 0, or -1 (the preset's)"),
+              ("n_pre_layers", cfg.n_pre_layers >= -1, ">= 0, or -1 (the preset's)"),
+              *map(preset, ("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "vision_dim")),
               ("spatial_curriculum", not cfg.spatial_curriculum or (cfg.model == "toy" and cfg.data == "shapes"),
                "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)")]
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
-    return cfg
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device} but torch sees no CUDA GPU here; use --device=auto or cpu")
+    try:
+        NEOConfig.preset(cfg.model, **model_overrides(cfg))
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"the model's shape does not hold together: {e}") from None
+    if cfg.stage != "all":
+        stage_recipe(cfg, cfg.stage)  # a toy-only stage at full scale
+    if cfg.data != "shapes":
+        try:
+            data.JSONLDataset.parse_spec(cfg.data)
+        except data.DataError as e:
+            raise ConfigError(f"--data: {e}") from None
+    for key, ok in (("image_root", not cfg.image_root or os.path.isdir(cfg.image_root)),
+                    ("init_from", not cfg.init_from or os.path.exists(cfg.init_from)),
+                    ("tokenizer", cfg.tokenizer in ("", "shapes", "bytes") or os.path.isdir(cfg.tokenizer))):
+        if not ok:
+            raise ConfigError(f"--{key}={getattr(cfg, key)} does not exist" +
+                              (" (a folder, or 'shapes' or 'bytes')" if key == "tokenizer" else ""))
 
 
 def stage_recipe(cfg, stage):
@@ -506,14 +579,26 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
             imgs = [im.to(device) for im in imgs]
             n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
             with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
-                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"])
+                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
             for p, row in zip(chunk, out.tolist()):
                 row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
-                preds.append((p, enc.decode([t for t in row if t not in special])))
+                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
             bar.update(len(chunk))
     bar.close()
     model.train()
     return data.score(preds)
+
+
+def evaluate_or_warn(*args, **kw):
+    """evaluate(), but a failure costs the accuracy, not the run: its traceback is shown and training goes on."""
+    try:
+        return evaluate(*args, **kw)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
+               "goes on", file=sys.stderr)
+        return {}
 
 
 # -----------------------------------------------------------------------------
@@ -560,13 +645,75 @@ def compile_works(device):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt."""
+    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt. (One
+    writer per out_dir: out_dir_lock.) A full disk is a TrainError, and leaves the last ckpt.pt as it was."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError) and "write" not in str(e):  # torch.save reports a failed write this way
+            raise
+        raise TrainError(f"cannot write {path} ({one_line(e)}); {path} still holds the previous checkpoint, if "
+                         f"any: free some disk space (or pick another --out_dir) and --resume=True") from None
+
+
+def one_line(e):
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
+
+
+def read_checkpoint(path):
+    """out_dir/ckpt.pt for --resume=True; a missing, truncated or foreign file is an error saying so."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume=True but {path} does not exist (no checkpoint written yet): run without "
+                          f"--resume=True, or pass the --out_dir that holds it")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "stage", "step", "history", "train_config"} - set(ck)
+    except Exception as e:  # truncated zip, pickle, wrong file: torch.load raises many kinds
+        raise TrainError(f"{path} cannot be read ({one_line(e)}): it is truncated or not a train.py checkpoint; "
+                         f"start again without --resume=True") from None
+    if missing:
+        raise TrainError(f"{path} is not a train.py training checkpoint (it lacks {', '.join(sorted(missing))}); "
+                         f"start again without --resume=True")
+    return ck
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """One run per out_dir: an exclusive flock on out_dir/lock, which holds the owner's pid. The kernel drops
+    the lock when its process ends, however it ends (a crash, kill -9), so a pid left in the file by a dead run
+    is a stale lock: taken over with a note. Where flock is missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = os.path.join(out_dir, "lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise TrainError(f"{out_dir} is in use by another train.py (pid {owner}, {path}): wait for it to "
+                             f"end, stop it (kill {owner}), or pass another --out_dir") from None
+        f.seek(0)
+        if old := f.read().strip():
+            print0(f"{path}: pid {old} ended without releasing it (a crash or a kill); taking it over")
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        try:
+            yield
+        finally:
+            f.truncate(0)  # empty: the last run ended cleanly; closing the file releases the lock
 
 
 def full_state(model, opt, fsdp):
@@ -632,6 +779,15 @@ def draw_loss_curve(history, path):
 
 # -----------------------------------------------------------------------------
 # One stage
+
+
+def diverged(losses, factor=2.0):
+    """-> (the first loss, the mean of the last fifth) if that mean is over factor x the first loss, else None."""
+    k = len(losses) // 5
+    if k == 0:
+        return None
+    end = sum(losses[-k:]) / k
+    return (losses[0], end) if end > factor * losses[0] else None
 
 
 def load_stage_model(cfg, stage, init):
@@ -723,24 +879,40 @@ def run_stage(cfg, stage, init, env, state):
     flops_tok = flops_per_token(raw_model, cfg.max_seq_len)
     peak = state["peak"]
 
-    def checkpoint():
+    def checkpoint(data_state, rng):
+        """Save the state as it was at the top of this step: weights and optimizer not yet updated, and the
+        loader position and RNG state from before this step's batches were drawn (the caller kept them)."""
         msd, osd = full_state(raw_model, opt, cfg.fsdp)
         rngs = [None] * world
         if ddp:  # every rank's RNG, so a resumed run continues each rank's stream
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng)
         else:
-            rngs = [rng_state()]
+            rngs = [rng]
         if master:
             atomic_save({"model": msd, "model_config": asdict(raw_model.cfg), "optimizer": osd, "stage": stage,
-                         "step": step, "rng": rngs, "data_state": loader.state_dict(), "train_config": asdict(cfg),
+                         "step": step, "rng": rngs, "data_state": data_state, "train_config": asdict(cfg),
                          "tokenizer": tok, "init": init or "", "history": state["history"]}, ckpt_path)
+        state["saved"] = (stage, step)
+
+    def stop(what):
+        """Not finite: nothing of this step is applied or saved; the message names the checkpoint to go back to."""
+        bar.close()
+        saved = state.get("saved")
+        back = (f"{ckpt_path} holds {saved[0]} step {saved[1]}, the last state whose loss was finite: go back to "
+                f"it with --resume=True and a lower --learning_rate" if saved else
+                f"This run saved no checkpoint yet: run the same command with a lower --learning_rate")
+        raise TrainError(f"[{stage}] step {step}: {what}. {back}")
 
     # ---- the loop
     model.train()
     bar = tqdm(total=iters, initial=step, desc=stage, disable=not master, dynamic_ncols=True)
     t_log, tok_log, t_stage = time.perf_counter(), 0, time.perf_counter()
-    skipped0 = getattr(loader, "skipped", 0)
+    on_disk = resume["step"] if resume is not None else -1  # (the step resumed from is in ckpt.pt already)
     while step < iters:
+        # a checkpoint due at this step is written below, once this step's loss has shown its weights are finite:
+        # saved right after an update instead, it could hold weights that give NaN at the next step
+        due = step % cfg.eval_interval == 0 and step not in (0, on_disk)
+        before = (loader.state_dict(), rng_state()) if due else None
         lr_now = get_lr(step, lr, ratio, warmup, iters)
         for g in opt.param_groups:
             g["lr"] = lr_now * g.get("lr_scale", 1.0)
@@ -770,11 +942,9 @@ def run_stage(cfg, stage, init, env, state):
             stats /= world
         loss_f, norm_f = stats.tolist()  # one CPU-GPU sync per step: the NaN guard must see every step
         if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-            print0(f"\n[{stage}] step {step}: loss {loss_f}, grad norm {norm_f}: not finite; stopping before "
-                   f"the update. The last good checkpoint is {ckpt_path}. Try a lower --learning_rate.")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
+            stop(f"loss {loss_f}, grad norm {norm_f}: not finite, so training stopped before this update")
+        if due:
+            checkpoint(*before)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -794,17 +964,28 @@ def run_stage(cfg, stage, init, env, state):
             if state["cores"] and (n := state["cores"].update()):
                 bar.write(f"[{stage}] other processes use {state['cores'].others:.1f} cores: training on {n} "
                           f"thread{'s' if n > 1 else ''} (CoreShare)")
-        if step % cfg.eval_interval == 0 or step == iters:
-            checkpoint()
         if cfg.kill_at and state["step0"] + step == cfg.kill_at:
             bar.close()
             print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
             os._exit(0)  # no cleanup, like a crash: only what is on disk survives
+    # the last update has no next step to vouch for it: one forward on the next batch does, before it is saved
+    before = (loader.state_dict(), rng_state())
+    b = to_device(next(it), device)
+    with torch.no_grad(), train_ctx, torch.compiler.set_stance("force_eager"):
+        _, loss = raw_model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+    loss = loss.detach().float()
+    if ddp:
+        dist.all_reduce(loss)
+    if not math.isfinite(loss.item()):
+        stop(f"the last update gives loss {loss.item()}: not finite, so it was not saved")
+    checkpoint(*before)
     bar.close()
     state.pop("resumed_at", None)
-    skipped = getattr(loader, "skipped", 0) - skipped0
-    if skipped:
-        print0(f"[{stage}] skipped {skipped} bad or too-long samples")
+    if loader.skipped:  # why, per reason, with the first offenders: enough to find and fix them in the data
+        print0(f"[{stage}] skipped {loader.skipped} samples:\n" + "\n".join("  " + l for l in loader.report()))
+    if d := diverged([h[2] for h in state["history"] if h[0] == stage]):
+        print0(f"[{stage}] warning: the loss ended at {d[1]:.4g}, far above where it started ({d[0]:.4g}): the "
+               f"run diverged; lower --learning_rate", file=sys.stderr)
     state["step0"] += iters
 
     # ---- the stage's weights, in the authors' layout; evaluation
@@ -825,11 +1006,12 @@ def run_stage(cfg, stage, init, env, state):
             raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
             if state["cores"]:
                 state["cores"].update()
-            acc = evaluate(raw_model, enc, cfg, device, ctx, families=families)
+            acc = evaluate_or_warn(raw_model, enc, cfg, device, ctx, families=families)
             entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
             if cfg.blind and last:
-                entry["blind_accuracy"] = evaluate(raw_model, enc, cfg, device, ctx, blind=True, families=families)
+                entry["blind_accuracy"] = evaluate_or_warn(raw_model, enc, cfg, device, ctx, blind=True,
+                                                           families=families)
             state["evals"].append(entry)
             print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
             if "blind_accuracy" in entry:
@@ -968,11 +1150,20 @@ def main(argv=None):
         for f in fields(TrainConfig):
             print(f"  --{f.name}={getattr(TrainConfig, f.name)}")
         return None
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = parse_config(argv)
+    if cfg.bench or cfg.ablate:  # bench writes nothing; the ablation's runs lock their own folders
+        return run(cfg, argv)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        ck = None
+        if cfg.resume:  # the run's own config: this command line may change only the keys in RESUME_SAFE
+            ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+            cfg = parse_config(argv, saved={**ck["train_config"], "out_dir": cfg.out_dir})
+        return run(cfg, argv, ck)
+
+
+def run(cfg, argv, ck=None):
+    """Set up processes, device and precision, then bench, ablate, or train the stages (from ck: resume)."""
     env = setup_distributed(cfg)
     ddp, rank, local_rank, world, device = env
     if cfg.threads:
@@ -1008,19 +1199,17 @@ def main(argv=None):
     print0(f"device {device}, world {world}, dtype {cfg.dtype}, stages {' -> '.join(stages)}; "
            f"{'GPU' if 'cuda' in device else 'measured CPU GEMM'} peak {peak / 1e12:.3g} TFLOP/s")
     init = cfg.init_from
-    if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.isfile(path):
-            print(f"train.py: --resume=True but {path} does not exist", file=sys.stderr)
-            sys.exit(2)
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck is not None:
+        if ck["stage"] not in stages:
+            raise TrainError(f"{cfg.out_dir}/ckpt.pt holds stage {ck['stage']}, which this run "
+                             f"({' -> '.join(stages)}) does not train; start again without --resume=True")
         stages = stages[stages.index(ck["stage"]):]
         state["history"] = [tuple(h) for h in ck["history"]]
         state["step0"] = ck["history"][-1][1] - ck["step"] if ck["history"] else 0
         state["resumed_at"] = ck["step"]
         if os.path.exists(os.path.join(cfg.out_dir, "eval.json")):
             state["evals"] = json.load(open(os.path.join(cfg.out_dir, "eval.json"))).get("stages", [])
-        state["resume_ckpt"], init = ck, ck["init"]
+        state["resume_ckpt"], state["saved"], init = ck, (ck["stage"], ck["step"]), ck["init"]
         print0(f"resuming {ck['stage']} at step {ck['step']}")
     for i, stage in enumerate(stages):
         if i > 0:  # each stage starts from the one before it
@@ -1029,11 +1218,7 @@ def main(argv=None):
             seq = order if stage in order else ORDER  # (--stage=spatial alone: after midtrain)
             prev = os.path.join(cfg.out_dir, seq[seq.index(stage) - 1])
             init = prev if os.path.isdir(prev) else ""
-        try:
-            folder = run_stage(cfg, stage, init, env, state)
-        except ConfigError as e:
-            print(f"train.py: {e}", file=sys.stderr)
-            sys.exit(2)
+        folder = run_stage(cfg, stage, init, env, state)
     if rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         import shutil
@@ -1049,5 +1234,27 @@ def main(argv=None):
     return state
 
 
+def cli():
+    """python train.py: what the user can fix (a bad command line, unusable data, a NaN, a locked out_dir, an
+    unreadable checkpoint, a full disk) ends in one line on stderr and exit code 2 (the command line) or 1;
+    anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except (ConfigError, TrainError, data.DataError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", 0), errno.EROFS,
+                                                      errno.EACCES):
+            raise
+        for bar in list(getattr(tqdm, "_instances", [])):  # end an open progress bar's line first
+            bar.close()
+        # a loader worker's error arrives with its traceback in the text: its last line is the message
+        msg = one_line(e) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
+        print(f"train.py: {msg}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
