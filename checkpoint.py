@@ -84,7 +84,8 @@ def load(path, dtype=None, **overrides):
         except Exception as e:
             raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
         model = empty_model(cfg)
-        return assign_strict(model, header, tensors.__getitem__, {k: k for k in model.state_dict()}, path, dtype)
+        return assign_strict(model, header, lambda k: tensors[k].clone(),  # own memory, not the mapped file
+                             {k: k for k in model.state_dict()}, path, dtype)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
     with open(os.path.join(path, "config.json")) as f:
@@ -167,7 +168,8 @@ def from_hf_config(hf, **overrides):
 
 def read_safetensors(path):
     """-> header {name: (shape, dtype)} from the files' headers, and read(name) -> that tensor. Data is read
-    only by read(); each call maps its file anew, so a tensor's file pages leave memory with the tensor."""
+    only by read(): one read() call straight into the tensor's own memory, with no mapping of the file and no
+    second copy, so loading costs about the file's size in memory and its read time (README, Efficiency)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -179,16 +181,27 @@ def read_safetensors(path):
     header, where = {}, {}
     for fn in (os.path.join(path, fn) for fn in files):
         try:
-            with safe_open(fn, framework="pt") as f:
-                for k in f.keys():
-                    s = f.get_slice(k)
-                    header[k], where[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype())), fn
+            with safe_open(fn, framework="pt") as f:  # the library checks the header: offsets, sizes, dtypes
+                names = list(f.keys())
+            with open(fn, "rb") as f:  # the format: 8-byte little-endian length, JSON header, then the data
+                n = int.from_bytes(f.read(8), "little")
+                meta = json.loads(f.read(n))
         except Exception as e:
             raise ValueError(f"{fn}: unreadable safetensors file ({e})") from None
+        for k in names:
+            start, end = meta[k]["data_offsets"]
+            header[k] = (tuple(meta[k]["shape"]), DTYPES.get(meta[k]["dtype"], meta[k]["dtype"]))
+            where[k] = (fn, 8 + n + start, end - start)
 
     def read(name):
-        with safe_open(where[name], framework="pt") as f:
-            return f.get_tensor(name)
+        fn, offset, nbytes = where[name]
+        out = torch.empty(header[name][0], dtype=header[name][1])
+        buf = out.view(-1).view(torch.uint8).numpy()  # the tensor's bytes, written in place
+        with open(fn, "rb") as f:
+            f.seek(offset)
+            if buf.nbytes != nbytes or f.readinto(buf) != nbytes:
+                raise ValueError(f"{fn}: {name} is cut short or mis-sized; the file is damaged")
+        return out
     return header, read
 
 
@@ -217,9 +230,8 @@ def assign_strict(model, header, read, names, path, dtype=None):
     dts = {header[name][1] for name in names.values()}
     dtype = dtype or (dts.pop() if len(dts) == 1 else torch.float32)
     tied = model.cfg.tie_word_embeddings
-    # copy: parameters own their memory, and each tensor's file pages are let go once it is copied. Largest
-    # first: that one-tensor overhead then comes when little else is loaded, so the peak stays near the weights
-    sd = {k: read(names[k]).to(dtype, copy=True) for k in sorted(names, key=lambda k: -own[k].numel())
+    # largest first: a cast's one-tensor overhead then comes when little else is loaded (peak near the weights)
+    sd = {k: read(names[k]).to(dtype) for k in sorted(names, key=lambda k: -own[k].numel())
           if not (tied and k == "lm_head.weight")}
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:  # assign gave embed_tokens a new Parameter; lm_head must be that same one again
