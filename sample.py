@@ -154,6 +154,15 @@ def load_model(path, device, dtype):
     return model, enc, ours
 
 
+def available_memory():
+    """Bytes of memory free for a new allocation (Linux's MemAvailable); infinite where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return float("inf")
+
+
 def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     """--dtype=auto on a CPU: time a copy of one of the model's own layers in float32 and bf16, on one thread and
     on all, for this prompt's prefill and for one-token decode steps; -> (dtype, threads) with the shortest
@@ -172,7 +181,11 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
     n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
     n_threads = torch.get_num_threads()
-    blocks = {dt: copy.deepcopy(src).to(dt) for dt in (torch.float32, torch.bfloat16)}
+    dtypes = [torch.float32, torch.bfloat16]
+    fp32_bytes = 4 * model.num_params()
+    if next(model.parameters()).dtype != torch.float32 and fp32_bytes > 0.8 * available_memory():
+        dtypes = [next(model.parameters()).dtype]  # a float32 copy of these weights would not fit in memory
+    blocks = {dt: copy.deepcopy(src).to(dt) for dt in dtypes}
     times = {}
     with torch.inference_mode():
         for _ in range(2):  # twice, alternating, each setting's better round kept: a busy moment does not decide
