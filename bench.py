@@ -1,0 +1,216 @@
+"""
+What nano-NEO costs on this machine, side by side in one run (each setting in its own process):
+
+    python bench.py                    # all three parts (~10 min on a 2-core CPU)
+    python bench.py --only=train       # toy training tok/s per dtype x compile, and what --dtype=auto picks
+    python bench.py --only=decode      # toy decode tok/s: cached vs not, quiet and beside a busy process
+    python bench.py --only=neo2b       # a NEO-2B-shaped bf16 folder with random weights: save, load (time,
+                                       # peak RSS), prefill of one 1152x1152 photo, decode (needs ~12 GB RAM
+                                       # and 6 GB free disk in --tmp)
+    python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
+
+A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
+"""
+import argparse
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def python(args, busy=False, timeout=1800):
+    """Run a Python command in a fresh process (optionally beside a busy loop); -> its stdout + stderr."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if spin:
+            spin.kill()
+            spin.wait()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    return p.stdout + p.stderr
+
+
+def spread(xs, fmt="{:,.0f}"):
+    xs = sorted(xs)
+    return fmt.format(xs[len(xs) // 2]) + (f" ({fmt.format(xs[0])}-{fmt.format(xs[-1])})" if len(xs) > 1 else "")
+
+
+def train_part(repeats):
+    """train.py --bench=True per dtype x compile (and auto), plus the auto choice against one thread and a busy CPU."""
+    print("\n## training: toy, batch 8 x 192, midtrain mixture (train.py --bench=True)")
+    print("| setting | tok/s | of that dtype's measured GEMM peak |")
+    print("|---|---|---|")
+    rows = {}
+    settings = [(d, c, t, busy) for d in ("float32", "bfloat16") for c in (False, True) for t, busy in ((0, False),)]
+    settings += [("auto", True, 0, False), ("auto", True, 1, False), ("auto", True, 0, True)]
+    for _ in range(repeats):
+        for d, c, t, busy in settings:
+            out = python(["train.py", "--bench=True", f"--dtype={d}", f"--compile={c}"] +
+                         ([f"--threads={t}"] if t else []), busy=busy)
+            m = re.search(r"dtype (\w+)(, compiled)?, (\d+) threads: ([\d,]+) tok/s.*= ([\d.]+)%", out)
+            rows.setdefault((d, c, t, busy), []).append((float(m[4].replace(",", "")), float(m[5]), m[1]))
+    for (d, c, t, busy), v in rows.items():
+        name = f"{d}{' -> ' + v[0][2] if d == 'auto' else ''}, {'compiled' if c else 'eager'}" + \
+               (f", {t} thread" if t else "") + (", one busy process beside it" if busy else "")
+        print(f"| {name} | {spread([x[0] for x in v])} | {spread([x[1] for x in v], '{:.0f}%')} |")
+    fixed = {k: sorted(x[0] for x in v)[len(v) // 2] for k, v in rows.items() if k[0] != "auto" and k[1]}
+    auto = sorted(x[0] for x in rows[("auto", True, 0, False)])[len(rows[("auto", True, 0, False)]) // 2]
+    print(f"--dtype=auto (compiled) reaches {auto / max(fixed.values()):.0%} of the fastest compiled setting, "
+          f"{auto / fixed[('float32', True, 0, False)]:.2f}x compiled float32")
+
+
+DECODE = r"""
+import sys, time, torch
+from neo import NEO, NEOConfig
+torch.manual_seed(0)
+model = NEO(NEOConfig()).eval()
+cfg = model.cfg
+ids = torch.tensor([[1] * 10 + [cfg.img_start_id] + [cfg.img_context_id] * 16 + [cfg.img_end_id] + [2] * 10])
+if sys.argv[2] == "auto":   # what sample.py does: dtype and thread count measured on one of the model's layers
+    import sample
+    dtype, threads = sample.choose_cpu_setting(model, ids.shape[1], 64)
+    model.to(dtype)
+    torch.set_num_threads(threads)
+    print(f"auto: {dtype} x{threads}")
+elif sys.argv[2] == "bfloat16":
+    model.to(torch.bfloat16)
+img = torch.randn(3, 128, 128).to(next(model.parameters()).dtype)   # a ShapesWorld-sized image: 16 tokens
+best = 0
+for _ in range(3):
+    t0, n = time.perf_counter(), 0
+    for _ in model.generate_stream(ids, [img], max_new_tokens=64, use_cache=sys.argv[1] == "cached"):
+        n += 1
+    best = max(best, n / (time.perf_counter() - t0))
+print(f"decode {best:.1f} tok/s")
+"""
+
+
+def decode_part(repeats):
+    print("\n## decoding: the toy (5.4M parameters), one 128x128 image, greedy, 64 new tokens (best of 3)")
+    print("| setting | tok/s |")
+    print("|---|---|")
+    settings = [("cached", "float32", False), ("uncached", "float32", False), ("cached", "bfloat16", False),
+                ("cached", "auto", False), ("cached", "float32", True), ("cached", "auto", True)]
+    rows = {}
+    for _ in range(repeats):
+        for s in settings:
+            out = python(["-c", DECODE, s[0], s[1]], busy=s[2])
+            auto = re.search(r"auto: torch\.(\w+) x(\d+)", out)
+            rows.setdefault(s, []).append((float(re.search(r"decode ([\d.]+) tok/s", out)[1]),
+                                           f" -> {auto[1]}, {auto[2]} thread(s)" if auto else ""))
+    for (c, d, busy), v in rows.items():
+        name = f"{c}, {d}{v[0][1]}" + (" (sample.py's choice)" if d == "auto" else "")
+        print(f"| {name}{', one busy process beside it' if busy else ''} | {spread([x[0] for x in v])} |")
+
+
+SAVE = r"""
+import sys, time, torch
+from neo import NEO, NEOConfig
+cfg = NEOConfig.preset("neo-2b")
+with torch.device("meta"):
+    model = NEO(cfg)
+model.to_empty(device="cpu").to(torch.bfloat16)
+model.lm_head.weight = model.embed_tokens.weight
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for n, p in model.named_parameters():   # random weights of a trained model's scale, fast
+        p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
+t0 = time.perf_counter()
+model.save_pretrained(sys.argv[1])
+print(f"saved {time.perf_counter() - t0:.1f} s")
+"""
+
+LOAD = r"""
+import os, resource, sys, time, torch
+from neo import NEO, KVCache
+import data
+path = sys.argv[1]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+t0 = time.perf_counter()
+with open(os.path.join(path, "model.safetensors"), "rb") as f:   # the time to read the file, as loading must
+    while f.read(1 << 26):
+        pass
+t_read = time.perf_counter() - t0
+t0 = time.perf_counter()
+model = NEO.from_pretrained(path).eval()
+t_load = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - base
+size = os.path.getsize(os.path.join(path, "model.safetensors")) / 2**30
+print(f"file {size:.2f} GiB read in {t_read:.1f} s; load {t_load:.1f} s ({t_load / t_read:.1f}x the read), "
+      f"peak RSS above import {peak:.2f} GiB ({peak / size:.2f}x the file), dtype {next(model.parameters()).dtype}")
+cfg = model.cfg
+n_vis = (1152 // 32) ** 2
+ids = torch.tensor([[1] * 12 + [cfg.img_start_id] + [cfg.img_context_id] * n_vis + [cfg.img_end_id] + [2] * 8])
+img = torch.randn(3, 1152, 1152, dtype=torch.bfloat16)
+with torch.inference_mode():
+    cache = KVCache(cfg, 1, ids.shape[1] + 16, "cpu", torch.bfloat16)
+    t0 = time.perf_counter()
+    logits, _ = model(ids, [img], cache=cache, last_only=True)
+    t_pre = time.perf_counter() - t0
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    model(nxt, cache=cache, last_only=True)   # one step's warm-up
+    t0 = time.perf_counter()
+    for _ in range(8):
+        logits, _ = model(nxt, cache=cache, last_only=True)
+    t_dec = (time.perf_counter() - t0) / 8
+L = cfg.n_layer_total
+print(f"prefill {ids.shape[1]} tokens (one 1152x1152 photo): {t_pre:.1f} s, {t_pre / L:.3f} s per layer; "
+      f"decode {1 / t_dec:.2f} tok/s ({L / t_dec:.0f} tok/s x layers)")
+"""
+
+
+def neo2b_part(tmp):
+    print("\n## a NEO-2B-shaped model (2.6B parameters, bf16, random weights)")
+    folder = tempfile.mkdtemp(prefix="neo2b_", dir=tmp)
+    try:
+        print(python(["-c", SAVE, folder]).strip().splitlines()[-1])
+        for line in python(["-c", LOAD, folder]).strip().splitlines()[-2:]:
+            print(line)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every setting (default 1)")
+    p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder is written")
+    a = p.parse_args()
+    parts = a.only.split(",")
+    bad = set(parts) - {"train", "decode", "neo2b"}
+    if bad or a.repeats < 1:
+        sys.exit(f"bench.py: --only takes train, decode, neo2b (got {', '.join(sorted(bad))}); --repeats >= 1")
+    import torch
+    print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    t0 = time.perf_counter()
+    if "train" in parts:
+        train_part(a.repeats)
+    if "decode" in parts:
+        decode_part(a.repeats)
+    if "neo2b" in parts:
+        neo2b_part(a.tmp)
+    print(f"\n({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
