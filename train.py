@@ -2,7 +2,7 @@
 Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
 One flat file: config, setup, data, then one training loop that every stage runs through.
 
-    python train.py                                   # whole toy pipeline on ShapesWorld (~10 min, 2-core AMX Xeon)
+    python train.py                                   # whole toy pipeline on ShapesWorld (~10-14 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --iters_scale=4 --spatial_curriculum=True  # the long run: spatial relations too (~56 min)
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
@@ -95,7 +95,7 @@ class TrainConfig:
     compile: bool = True          # torch.compile each layer for training (off by itself where it cannot work)
     fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
     grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
-    threads: int = 0              # CPU threads; 0 = torch's default
+    threads: int = 0              # CPU threads; 0 = the cores other processes leave free (CoreShare)
     seed: int = 1337
     # loop, evaluation, checkpoints
     log_interval: int = 10
