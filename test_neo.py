@@ -193,6 +193,42 @@ def test_generation_never_emits_vocab_padding():
         assert out.shape == (1, 6) and (out < 545).all(), (t, out)
 
 
+def test_top_p_and_repetition_penalty_by_hand():
+    """Hugging Face semantics, worked by hand. Repetition penalty 2 on ids 0 and 2 of logits [2, 1.5, -1, 0.5]:
+    [1, 1.5, -2, 0.5], so greedy picks id 1, not 0. top_p on probabilities [0.5, 0.3, 0.15, 0.05]: 0.7 keeps
+    {0.5, 0.3} (0.5 alone < 0.7), i.e. id 0 with 0.5 / 0.8 = 0.625; 0.4 keeps id 0 alone; a tiny top_p still one."""
+    from neo import sample_next
+    logits = torch.tensor([[2.0, 1.5, -1.0, 0.5]])
+    assert sample_next(logits).item() == 0
+    assert sample_next(logits, repetition_penalty=2.0, prev_ids=torch.tensor([[0, 2, 2]])).item() == 1
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    ids = sample_next(p, 1.0, top_p=0.7, generator=gen)
+    assert set(ids.tolist()) == {0, 1} and abs((ids == 0).float().mean().item() - 0.625) < 0.03
+    assert (sample_next(p, 1.0, top_p=0.4, generator=gen) == 0).all()
+    assert (sample_next(p, 1.0, top_p=1e-9, generator=gen) == 0).all()
+    assert set(sample_next(p, 1.0, top_p=1.0, generator=gen).tolist()) == {0, 1, 2, 3}
+
+
+def test_generate_penalises_prompt_and_answer_ids():
+    """The repetition penalty counts the prompt's ids and each new one. Logits fixed at 3 for id 7 and 2 for id
+    8, penalty 2, prompt [1, 7, 3]: 7 -> 1.5 so 8 comes first; then 8 -> 1, and 7 (1.5) wins from then on."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg()).eval()
+    forward = model.forward
+
+    def fixed(*a, **k):
+        logits, loss = forward(*a, **k)
+        out = torch.zeros_like(logits)
+        out[..., 7], out[..., 8] = 3.0, 2.0
+        return out, loss
+    model.forward = fixed
+    ids = torch.tensor([[1, 7, 3]])
+    assert model.generate(ids, max_new_tokens=4).tolist() == [[7, 7, 7, 7]]
+    assert model.generate(ids, max_new_tokens=4, repetition_penalty=2.0).tolist() == [[8, 7, 7, 7]]
+    assert model.generate(ids, max_new_tokens=4, repetition_penalty=2.0, use_cache=False).tolist() == [[8, 7, 7, 7]]
+
+
 # ---- checkpoints
 
 
