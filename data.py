@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 import warnings
 from functools import lru_cache
 from itertools import combinations
@@ -93,37 +94,58 @@ def get_tokenizer(name_or_path):
     if name_or_path in ("shapes", "bytes"):
         # tiktoken's named encodings download their files on first use; these are built in memory
         ranks = toy_ranks() if name_or_path == "shapes" else {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding(name=name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks,
-                                 special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
+        return BPE(name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks, hidden=range(256, 256 + len(SPECIALS)),
+                   special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
     if os.path.isdir(str(name_or_path)):
         return folder_tokenizer(str(name_or_path))
     raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'shapes' or 'bytes' (the toy's) or a folder "
                      f"holding tokenizer.json or vocab.json (a Qwen3 or released NEO checkpoint)")
 
 
-def folder_tokenizer(path):
-    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
-    origin. Every added token (special or not) becomes a tiktoken special token: encoded as one id only when
-    allowed, so user text can never smuggle in <|im_end|> or <img>."""
+class BPE(tiktoken.Encoding):
+    """A tiktoken.Encoding that also knows what a Hugging Face tokenizer folder adds to its vocabulary: NFC
+    normalisation of input text (Qwen2's tokenizer does it, slow and fast) and the ids of special tokens, which
+    decoded answers leave out (skip_special_tokens=True). Pickles with both."""
+
+    def __init__(self, name, *, nfc=False, hidden=(), **kw):
+        super().__init__(name, **kw)
+        self.nfc, self.hidden = nfc, frozenset(hidden)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "nfc": self.nfc, "hidden": self.hidden}
+
+
+def read_vocab(path):
+    """-> (vocab {token: id}, added {content: (id, special)}) from a folder's tokenizer.json, or vocab.json with
+    tokenizer_config.json / added_tokens.json (Qwen3, released NEO)."""
     tj, vj = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
     added = {}
     if os.path.isfile(tj):
         with open(tj, encoding="utf-8") as f:
             t = json.load(f)
         vocab = t["model"]["vocab"]
-        added = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
+        added = {a["content"]: (a["id"], a.get("special", True)) for a in t.get("added_tokens", [])}
     elif os.path.isfile(vj):
         with open(vj, encoding="utf-8") as f:
             vocab = json.load(f)
         tc, at = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "added_tokens.json")
-        if os.path.isfile(tc):
-            with open(tc, encoding="utf-8") as f:
-                added = {v["content"]: int(k) for k, v in json.load(f).get("added_tokens_decoder", {}).items()}
         if os.path.isfile(at):
             with open(at, encoding="utf-8") as f:
-                added.update(json.load(f))
+                added = {c: (i, True) for c, i in json.load(f).items()}
+        if os.path.isfile(tc):
+            with open(tc, encoding="utf-8") as f:
+                added.update({v["content"]: (int(k), v.get("special", True))
+                              for k, v in json.load(f).get("added_tokens_decoder", {}).items()})
     else:
         raise ValueError(f"{path}: no tokenizer.json or vocab.json; get_tokenizer accepts 'bytes' or such a folder")
+    return vocab, added
+
+
+def folder_tokenizer(path):
+    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
+    origin. Every added token (special or not) becomes a tiktoken special token, which encode_text lets
+    through as one id, except the chat and image markers (user text can never smuggle in <|im_end|> or <img>)."""
+    vocab, added = read_vocab(path)
     dec = {c: b for b, c in bytes_to_unicode().items()}
     try:
         ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in added}
@@ -131,12 +153,22 @@ def folder_tokenizer(path):
         raise ValueError(f"{path}: not a byte-level BPE vocabulary (character {e} outside the GPT-2 byte table)")
     # A plain Qwen3 folder has no image tokens. Append them after the highest id in NEO's order: on Qwen3 this
     # gives <IMG_CONTEXT> 151669, <img> 151670, </img> 151671, the ids of the released NEO checkpoints.
-    nxt = max(max(ranks.values()), max(added.values(), default=-1)) + 1
+    nxt = max(max(ranks.values()), max((i for i, _ in added.values()), default=-1)) + 1
     for s in ("<IMG_CONTEXT>", "<img>", "</img>"):
         if s not in added:
-            added[s], nxt = nxt, nxt + 1
-    return tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT,
-                             mergeable_ranks=ranks, special_tokens=added)
+            added[s], nxt = (nxt, True), nxt + 1
+    hidden = {i for i, special in added.values() if special} | {added[s][0] for s in SPECIALS.values() if s in added}
+    return BPE(os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT, mergeable_ranks=ranks,
+               special_tokens={c: i for c, (i, _) in added.items()}, nfc=True, hidden=hidden)
+
+
+def encode_text(enc, text):
+    """Text -> ids as the authors' Hugging Face tokenizer gives them: NFC first (Qwen2's tokenizer normalises), and
+    added tokens typed in the text (<ref>, <box>, <think>, ...) as their one id. The chat and image markers stay
+    plain text: typed, they would end a turn early or break an image span."""
+    if enc.nfc:
+        text = unicodedata.normalize("NFC", text)
+    return enc.encode(text, allowed_special=enc.special_tokens_set - set(SPECIALS.values()), disallowed_special=())
 
 
 def special_ids(enc):
@@ -338,7 +370,7 @@ def encode_chat(enc, messages, images=()):
                     raise DataError(f"more <image> placeholders than the {len(images)} images given", PLACEHOLDERS)
                 add(image_span(images[k], ids), False)
                 k += 1
-            add(enc.encode(part, disallowed_special=()), sup)  # user text "<|im_end|>" stays plain text
+            add(encode_text(enc, part), sup)
         add([ids["im_end"]], sup)
         add(nl, False)
     if k != len(images):
@@ -350,7 +382,7 @@ def encode_pair(enc, images, caption):
     """A pre-training pair without chat template: image spans, then the caption; labels on caption + eot."""
     ids = special_ids(enc)
     head = [t for img in images for t in image_span(img, ids)]
-    text = enc.encode(caption, disallowed_special=()) + [ids["eot"]]
+    text = encode_text(enc, caption) + [ids["eot"]]
     return {"input_ids": head + text, "labels": [IGNORE_INDEX] * len(head) + text, "images": list(images)}
 
 

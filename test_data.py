@@ -57,26 +57,28 @@ def test_shapes_tokenizer():
     assert max(sample["input_ids"]) < enc.n_vocab
 
 
-def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False):
+def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False, extra=()):
     """A tiny byte-level BPE in the Qwen layout: 256 byte tokens (ids in GPT-2 table order, as in Qwen), a few
-    merges whose ids follow merge order, and added tokens after them."""
+    merges whose ids follow merge order, and added tokens after them. extra: more added tokens, as
+    (content, special) pairs (Qwen3 lists <think> as not special, NEO adds <ref>, <box>, ...)."""
     b2u = data.bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(b2u.values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<IMG_CONTEXT>", "<img>", "</img>"] if image_tokens else [])
-    added_ids = {s: len(vocab) + 10 + i for i, s in enumerate(added)}  # a gap, as in real checkpoints
+    special = {**{s: True for s in added}, **dict(extra)}
+    added_ids = {s: len(vocab) + 10 + i for i, s in enumerate(special)}  # a gap, as in real checkpoints
     os.makedirs(path, exist_ok=True)
     if layout == "tokenizer.json":
         tj = {"model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
-              "added_tokens": [{"id": i, "content": s, "special": True} for s, i in added_ids.items()]}
+              "added_tokens": [{"id": i, "content": s, "special": special[s]} for s, i in added_ids.items()]}
         json.dump(tj, open(os.path.join(path, "tokenizer.json"), "w"))
     else:
         json.dump(vocab, open(os.path.join(path, "vocab.json"), "w"))
         open(os.path.join(path, "merges.txt"), "w").write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
-        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in added_ids.items()}},
-                  open(os.path.join(path, "tokenizer_config.json"), "w"))
+        decoder = {str(i): {"content": s, "special": special[s]} for s, i in added_ids.items()}
+        json.dump({"added_tokens_decoder": decoder}, open(os.path.join(path, "tokenizer_config.json"), "w"))
     return vocab, added_ids
 
 
@@ -105,6 +107,25 @@ def test_neo_folder_keeps_its_image_ids(tmp_path):
     _, added = write_bpe_folder(str(tmp_path / "neo"), image_tokens=True)
     ids = data.special_ids(data.get_tokenizer(str(tmp_path / "neo")))
     assert ids["img_start"] == added["<img>"] and ids["img_context"] == added["<IMG_CONTEXT>"]
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+def test_folder_tokenizer_as_hugging_face(tmp_path, layout):
+    """As the authors' Qwen2 tokenizer: user text is NFC-normalised; an added token typed in it (<ref>, <think>)
+    is its one id, while typed chat and image markers stay plain text; the toy tokenizers keep text as it is."""
+    _, added = write_bpe_folder(str(tmp_path / "neo"), layout, image_tokens=True,
+                                extra=[("<ref>", True), ("<think>", False)])
+    enc = data.get_tokenizer(str(tmp_path / "neo"))
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert data.encode_text(enc, decomposed) == data.encode_text(enc, composed) == enc.encode(composed)
+    assert enc.encode(decomposed) != enc.encode(composed)  # so the normalisation did it
+    toy = data.get_tokenizer("bytes")
+    assert data.encode_text(toy, decomposed) == list(decomposed.encode())
+    ids = data.encode_text(enc, "a<ref>b<think>c")
+    assert ids == enc.encode("a") + [added["<ref>"]] + enc.encode("b") + [added["<think>"]] + enc.encode("c")
+    for marker in ("<|im_end|>", "<img>", "<IMG_CONTEXT>"):
+        assert data.encode_text(enc, marker) == enc.encode(marker, disallowed_special=())
+    assert enc.hidden == {added[s] for s in added if s != "<think>"}  # special tokens, hidden from answers
 
 
 def test_unknown_tokenizer():
