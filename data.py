@@ -211,11 +211,11 @@ def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
         beta = math.sqrt(h * w / max_pixels)
         hb = max(factor, math.floor(h / beta / factor) * factor)
         wb = max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
+        while hb * wb > max_pixels:  # a very long strip clamped to one token row: shorten its long side
+            hb, wb = (hb - factor, wb) if hb > wb else (hb, wb - factor)
+    elif hb * wb < min_pixels:  # rounding up may pass max_pixels a little (min = max: NEO-ov's spatial setting)
+        beta = math.sqrt(min_pixels / (h * w))  # and it stays so, as in the authors' and Qwen2-VL's code
         hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    while hb * wb > max_pixels:  # a very long strip clamped to one token row: shorten its long side
-        hb, wb = (hb - factor, wb) if hb > wb else (hb, wb - factor)
     return hb, wb
 
 
@@ -239,8 +239,23 @@ def to_rgb(img):
     return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, ...
 
 
-def open_image(src):
-    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason."""
+def authors_rgb(img):
+    """RGB as the released models were trained and evaluated (VLMEvalKit*/vlmeval/vlm/neo/utils.py,
+    load_image_native): an RGBA image with some fully transparent pixel is composited on white (their contrast
+    test compares a 0-255 mean with 382.5, so it never picks black); everything else, other RGBA included, is
+    PIL's convert("RGB"), which drops alpha."""
+    if img.mode == "RGBA":
+        a = np.asarray(img.getchannel("A"))
+        if (a == 0).any() and (a > 0).any():  # all transparent: their test finds no colour and converts
+            bg = Image.new("RGB", img.size, (255, 255, 255))
+            bg.paste(img, mask=img.getchannel("A"))
+            return bg
+    return img.convert("RGB")
+
+
+def open_image(src, authors=False):
+    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason.
+    authors=True: the released models' pipeline instead (authors_rgb, no EXIF rotation), the one they learnt."""
     if isinstance(src, Image.Image):
         name, img = "<PIL image>", src
     else:
@@ -264,8 +279,7 @@ def open_image(src):
         raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return authors_rgb(img) if authors else to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{name}: truncated or corrupt image ({e})") from None
 
@@ -280,9 +294,9 @@ def to_tensor(img, min_pixels, max_pixels):
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256):
+def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256, authors=False):
     """Any file PIL reads (or a PIL image) -> (3, H, W) float tensor, H and W multiples of 32."""
-    img = open_image(path_or_pil)
+    img = open_image(path_or_pil, authors)
     try:
         return to_tensor(img, min_pixels, max_pixels)
     except DataError as e:
@@ -300,21 +314,30 @@ def uniform_indices(n, k):
     return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0):
+def authors_indices(n, k):
+    """k of n frames as the authors' evaluation samples them (VLMEvalKit*/vlmeval/dataset/videomme.py,
+    save_video_frames): int(i * n / (k + 1)) for i = 1..k, with their float step; repeats when n <= k."""
+    step = n / (k + 1)
+    return [int(i * step) for i in range(1, k + 1)]
+
+
+def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False):
     """A folder of frames, a list of frame files, or an animated GIF/WebP -> (frames, timestamps, duration).
 
     frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
     num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
-    frame durations. Timestamps and duration are in seconds."""
+    frame durations. Timestamps and duration are in seconds. authors=True: frames chosen and loaded as the
+    released models' evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
+    pick = authors_indices if authors else uniform_indices
     if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
         files = list(path) if isinstance(path, (list, tuple)) else sorted(
             os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
         if not files:
             raise DataError(f"{path}: no frames")
-        idx = uniform_indices(len(files), num_frames)
-        frames = [load_image(files[i], min_pixels, max_pixels) for i in idx]
+        idx = pick(len(files), num_frames)
+        frames = [load_image(files[i], min_pixels, max_pixels, authors) for i in idx]
         return frames, [i / fps for i in idx], len(files) / fps
-    img = open_image(path)  # validates the file (missing, empty, bomb, ...); frames are read below
+    img = open_image(path, authors)  # validates the file (missing, empty, bomb, ...); frames are read below
     anim = Image.open(path)
     n = getattr(anim, "n_frames", 1)
     starts, t = [], 0.0
@@ -322,20 +345,31 @@ def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps
         anim.seek(i)
         starts.append(t)
         t += (anim.info.get("duration") or 1000 / fps) / 1000
-    frames, idx = [], uniform_indices(n, num_frames)
+    frames, idx = [], pick(n, num_frames)
     for i in idx:
         anim.seek(i)
-        frames.append(to_tensor(to_rgb(anim.convert("RGBA")) if n > 1 else img, min_pixels, max_pixels))
+        rgb = (authors_rgb if authors else to_rgb)(anim.convert("RGBA")) if n > 1 else img
+        frames.append(to_tensor(rgb, min_pixels, max_pixels))
     return frames, [starts[i] for i in idx], t
 
 
-def video_prompt(timestamps, duration):
-    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
+def video_head(n_frames, duration, authors=False):
+    """DESIGN §2's line before the frames. The authors' video datasets (VLMEvalKit_ov/vlmeval/dataset/videomme.py)
+    print the rate as round(fps, 1) ("1.0"); the toy trained with "{fps:.2g}" ("1")."""
     mmss = lambda s: f"{int(s // 60):02d}:{int(s % 60):02d}"
-    fps = len(timestamps) / max(duration, 1e-6)
-    head = (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
-            f"{len(timestamps)} frames sampled at {fps:.2g} FPS.\n")
-    return head + "".join(f"[{int(t // 60):02d}:{t % 60:05.2f}]:<image>\n" for t in timestamps)
+    fps = n_frames / max(duration, 1e-6)
+    return (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
+            f"{n_frames} frames sampled at {round(fps, 1) if authors else format(fps, '.2g')} FPS.\n")
+
+
+def timestamp(t):
+    """Seconds -> "MM:SS.ss", the frame timestamps of DESIGN §2."""
+    return f"{int(t // 60):02d}:{t % 60:05.2f}"
+
+
+def video_prompt(timestamps, duration, authors=False):
+    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
+    return video_head(len(timestamps), duration, authors) + "".join(f"[{timestamp(t)}]:<image>\n" for t in timestamps)
 
 
 # -----------------------------------------------------------------------------

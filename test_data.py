@@ -210,6 +210,42 @@ def test_image_modes_and_exif(tmp_path):
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[32, 32].tolist() == [255, 255, 255]
 
 
+def test_authors_image_loading(tmp_path):
+    """authors=True, as VLMEvalKit's load_image_native: RGBA with a fully transparent pixel goes on white (white
+    content too), alpha blended; RGBA without one, and LA, just drop alpha; no EXIF rotation."""
+    im = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    im.putpixel((1, 0), (0, 0, 0, 51))         # on white: 255 * (255 - 51) / 255 = 204
+    im.putpixel((2, 0), (255, 255, 255, 255))  # white content: still white background (ours puts it on black)
+    im.putpixel((3, 0), (10, 20, 30, 255))
+    p = str(tmp_path / "a.png")
+    im.save(p)
+    rgb = np.asarray(data.open_image(p, authors=True))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [204, 204, 204]
+    assert rgb[0, 2].tolist() == [255, 255, 255] and rgb[0, 3].tolist() == [10, 20, 30]
+    opaque = Image.new("RGBA", (2, 2), (10, 20, 30, 1))  # nearly transparent, never fully: alpha dropped
+    assert np.asarray(data.authors_rgb(opaque))[0, 0].tolist() == [10, 20, 30]
+    assert np.asarray(data.authors_rgb(Image.new("LA", (2, 2), (90, 0))))[0, 0].tolist() == [90, 90, 90]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = str(tmp_path / "rot.jpg")
+    photo(96, 64).save(p, exif=exif)
+    assert data.open_image(p, authors=True).size == (96, 64) and data.open_image(p).size == (64, 96)
+    assert data.load_image(p, authors=True).shape == (3, 64, 96)
+
+
+def test_smart_resize_as_the_authors():
+    """Sizes worked by hand from the authors' smart_resize (VLMEvalKit*/vlmeval/vlm/neo/utils.py). Rounding up to
+    min_pixels may pass max_pixels, and stays so: at NEO-ov's spatial budget (720*960 both) a 96x64 image
+    gives beta = sqrt(691200 / 6144) = 10.607, 64*10.607/32 = 21.2 -> 22 rows, 96*10.607/32 = 31.8 -> 32
+    columns: 704x1024 = 720,896 px (704 tokens)."""
+    assert data.smart_resize(64, 96, 720 * 960, 720 * 960) == (704, 1024)
+    # NEO 1.0's budget (1280..4096 tokens), the issue's 451x300 photo: beta = sqrt(1310720 / 135300) = 3.1125,
+    # 300*3.1125/32 = 29.2 -> 30, 451*3.1125/32 = 43.9 -> 44: 1,320 tokens
+    assert data.smart_resize(300, 451, 1280 * 1024, 4096 * 1024) == (960, 1408)
+    # over the max: beta = sqrt(3000*4000 / 4194304) = 1.6915, floor(1773.6/32) = 55, floor(2364.8/32) = 73
+    assert data.smart_resize(3000, 4000, 1280 * 1024, 4096 * 1024) == (1760, 2336)
+
+
 # ---- video
 
 
@@ -234,6 +270,24 @@ def test_video_sources(tmp_path):
     text = data.video_prompt([0.0, 2.5, 5.0], 7.5)
     assert text.startswith("The time range of this video is [00:00-00:07], and the following is a series of 3 frames")
     assert "[00:02.50]:<image>\n" in text and text.count("<image>") == 3
+
+
+def test_video_as_the_authors_sample_it(tmp_path):
+    """authors=True: frames at int(i * n / (k + 1)), i = 1..k (VLMEvalKit_ov/vlmeval/dataset/videomme.py), and
+    the rate printed as round(fps, 1): "2.0" where the toy prints "2"."""
+    assert data.authors_indices(10, 4) == [2, 4, 6, 8]    # step 10 / 5 = 2
+    assert data.authors_indices(8, 4) == [1, 3, 4, 6]     # step 1.6: 1.6, 3.2, 4.8, 6.4
+    assert data.authors_indices(3, 4) == [0, 1, 1, 2]     # step 0.6: fewer frames than asked repeat
+    files = []
+    for i in range(10):
+        files.append(str(tmp_path / f"{i:03d}.png"))
+        Image.new("RGB", (64, 64), (i * 20, 0, 0)).save(files[-1])
+    fr, ts, dur = data.load_video(files, 4, authors=True)
+    assert ts == [2, 4, 6, 8] and dur == 10 and [round(f[0, 0, 0].item(), 3) for f in fr] == \
+        [round((i * 20 / 255 - 0.485) / 0.229, 3) for i in (2, 4, 6, 8)]
+    assert data.video_head(4, 2.0, authors=True) == ("The time range of this video is [00:00-00:02], and the "
+                                                     "following is a series of 4 frames sampled at 2.0 FPS.\n")
+    assert data.video_head(4, 2.0).endswith("sampled at 2 FPS.\n")
 
 
 # ---- conversations and packing
