@@ -47,6 +47,44 @@ def test_parity_with_authors_logits():
     assert pos[0, 0].tolist() == case["t_index"].tolist()
 
 
+def inference_config(hf, template="neo1_0"):
+    """The fixture's config.json (the training kit's format) rewritten in the inference kit's
+    (VLMEvalKit/vlmeval/vlm/neo/to_hf/configuration_neo_chat.py): template, top-level downsample_ratio, LoRA
+    switches, the vision config's 1-tuples, and no image token ids."""
+    out = {k: v for k, v in hf.items() if k not in ("img_start_token_id", "img_context_token_id")}
+    out.update(template=template, downsample_ratio=0.5, use_backbone_lora=0, use_llm_lora=0)
+    out["vision_config"] = {**hf["vision_config"], "downsample_ratio": [0.5],
+                            "llm_hidden_size": [hf["vision_config"]["llm_hidden_size"]]}
+    return out
+
+
+def test_inference_config_format(tmp_path, capsys):
+    """A folder in the inference kit's config format loads, image ids from its tokenizer, and reproduces the
+    authors' logits; when config and tokenizer disagree, one line says so and the tokenizer wins (as their
+    chat() does); with neither, a clear error."""
+    from test_sample import write_tokenizer_json  # the fixture's tokenizer: <img> 256, </img> 257, <IMG_CONTEXT> 258
+    with open(os.path.join(FIXTURE, "config.json")) as f:
+        hf = json.load(f)
+    d = tmp_path / "m"
+    os.makedirs(d)
+    os.symlink(os.path.join(FIXTURE, "model.safetensors"), d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(inference_config(hf)))
+    with pytest.raises(ValueError, match="no img_start_token_id"):
+        NEO.from_pretrained(str(d))
+    write_tokenizer_json(d)
+    model = NEO.from_pretrained(str(d)).eval()
+    assert (model.cfg.img_start_id, model.cfg.img_end_id, model.cfg.img_context_id) == (256, 257, 258)
+    assert model.cfg.downsample == 2 and capsys.readouterr().err == ""
+    case = torch.load(os.path.join(FIXTURE, "case.pt"), weights_only=True)
+    with torch.no_grad():
+        logits, _ = model(case["input_ids"][None], case["images"])
+    assert (logits[0] - case["logits"]).abs().max().item() <= 1e-4
+    (d / "config.json").write_text(json.dumps({**hf, "img_context_token_id": 299}))
+    assert NEO.from_pretrained(str(d)).cfg.img_context_id == 258
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "disagree" in err and "299" in err
+
+
 # ---- Native-RoPE indices and the mask, written out by hand (DESIGN §2, §4)
 
 
