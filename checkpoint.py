@@ -12,6 +12,7 @@ weights' size in memory. neo.py's NEO.from_pretrained and save_pretrained call i
 import json
 import os
 import re
+import sys
 import zipfile
 from dataclasses import asdict, fields
 
@@ -86,26 +87,61 @@ def load(path, dtype=None, **overrides):
         model = empty_model(cfg)
         return assign_strict(model, header, lambda k: tensors[k].clone(),  # own memory, not the mapped file
                              {k: k for k in model.state_dict()}, path, dtype)
+    cfg, kind = read_config(path, **overrides)
+    header, read = read_safetensors(path)
+    model = empty_model(cfg)
+    if kind == "neo":  # (a)
+        return assign_strict(model, header, read, ckpt_names(model, "neo"), path, dtype)
+    assign_strict(model, header, read, ckpt_names(model, "qwen3"), path, dtype)  # (b); the rest: init_weights
+    model.init_hw_from_t()
+    return model
+
+
+def read_config(path, **overrides):
+    """-> (NEOConfig, kind) of a folder ('neo' or 'qwen3') or our ckpt.pt ('ckpt') without reading its
+    weights (sample.py --dry_run needs the config alone)."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
+            and os.path.exists(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    if os.path.isfile(path):
+        try:  # mmap: the tensors are not read
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return NEOConfig(**{**ckpt["model_config"], **overrides}), "ckpt"
+        except Exception as e:
+            raise ValueError(f"{path}: not a nano-NEO checkpoint ({type(e).__name__}: {e})") from None
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; pass a NEO or Qwen3 folder or a ckpt.pt")
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
-    header, read = read_safetensors(path)
-    if hf.get("model_type") != "qwen3":  # (a)
-        model = empty_model(from_hf_config(hf, **overrides))
-        return assign_strict(model, header, read, ckpt_names(model, "neo"), path, dtype)
-    # (b) sizes from the Qwen3 config; vision and NEO sizes from the preset of that LLM, or overrides
+    if hf.get("model_type") != "qwen3":  # image ids given: the tokenizer files need no second reading
+        given = {"img_start_id", "img_context_id", "img_end_id"} <= set(overrides)
+        return from_hf_config(hf, **{**({} if given else image_ids(hf, path)), **overrides}), "neo"
+    # a Qwen3: sizes from its config; vision and NEO sizes from the preset of that LLM, or overrides
     base = hf.get("nano_neo") or PRESETS["neo-9b" if hf["hidden_size"] >= 4096 else
                                          "neo-2b" if hf["hidden_size"] >= 2048 else "toy"]
-    model = empty_model(NEOConfig(**{**base, **dict(
+    return NEOConfig(**{**base, **dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
         n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
         head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
         d_mlp=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], rope_theta=hf["rope_theta"],
-        tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides}))
-    assign_strict(model, header, read, ckpt_names(model, "qwen3"), path, dtype)  # the rest: init_weights
-    model.init_hw_from_t()
-    return model
+        tie_word_embeddings=hf.get("tie_word_embeddings", False)), **overrides}), "qwen3"
+
+
+def image_ids(hf, path):
+    """The <img>, <IMG_CONTEXT>, </img> ids as NEOConfig fields. The training kit's config.json holds them; the
+    inference kit's (VLMEvalKit/vlmeval/vlm/neo/to_hf/configuration_neo_chat.py) does not: its chat() asks the
+    tokenizer, and so do we when the folder has tokenizer files. When both say, the tokenizer wins, as there."""
+    keys = {"img_start_id": "<img>", "img_context_id": "<IMG_CONTEXT>", "img_end_id": "</img>"}
+    ids = {k: hf[f"{k[:-3]}_token_id"] for k in keys if f"{k[:-3]}_token_id" in hf}
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+        import data  # only here: checkpoint.py otherwise needs no tokenizer
+        added = data.read_vocab(path)[1]
+        tok = {k: added[s][0] for k, s in keys.items() if s in added}
+        if any(ids.get(k, v) != v for k, v in tok.items()):
+            print(f"{path}: config.json and the tokenizer disagree on the image token ids (config {ids}, tokenizer "
+                  f"{tok}); using the tokenizer's, as the authors' chat() does", file=sys.stderr)
+        ids.update(tok)
+    return ids
 
 
 def empty_model(cfg):
@@ -136,7 +172,9 @@ def to_hf_config(cfg):
 
 
 def from_hf_config(hf, **overrides):
-    """config.json of a released NEO (or one we saved) -> NEOConfig."""
+    """config.json of a released NEO (the training kit's format, or the inference kit's with `template`), or one
+    we saved -> NEOConfig. The inference format has no image token ids: pass them in overrides (image_ids)."""
+    one = lambda v: v[0] if isinstance(v, list) else v  # to_hf/configuration_neo_vit.py stores 1-tuples
     try:
         llm, vis = hf["llm_config"], hf["vision_config"]
         n_pre = llm.get("extra_num_layers", 0)
@@ -147,29 +185,36 @@ def from_hf_config(hf, **overrides):
             d_mlp=llm["intermediate_size"], rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
             rope_theta=llm.get("rope_theta", 1e6), rope_theta_hw=llm.get("rope_theta_hw", 1e4),
             tie_word_embeddings=hf.get("tie_word_embeddings", llm.get("tie_word_embeddings", False)),
-            patch_size=vis.get("patch_size", 16), downsample=round(1 / vis.get("downsample_ratio", 0.5)),
+            patch_size=vis.get("patch_size", 16),
+            # the chat model reads the top-level ratio (to_hf/modeling_neo_chat.py), the vision model its own
+            downsample=round(1 / one(hf.get("downsample_ratio", vis.get("downsample_ratio", 0.5)))),
             vision_dim=vis["hidden_size"], rope_theta_vision=vis.get("rope_theta_vision", 1e4),
             min_pixels=vis.get("min_pixels", 64 * 64), max_pixels=vis.get("max_pixels", 2048 * 2048),
-            img_start_id=hf["img_start_token_id"], img_context_id=hf["img_context_token_id"],
-            # </img> is not in the authors' config.json; the tokenizer files hold it (data.py reads them)
-            img_end_id=hf.get("img_end_token_id", hf["img_start_token_id"] + 1),
+            img_start_id=hf.get("img_start_token_id"), img_context_id=hf.get("img_context_token_id"),
+            # </img> is not in the authors' config.json; the tokenizer files hold it (image_ids reads them)
+            img_end_id=hf.get("img_end_token_id"),
             max_seq_len=llm.get("max_position_embeddings", 8192),
         )
     except KeyError as e:
-        raise ValueError(f"config.json lacks {e}: not a NEO config (need llm_config, vision_config, "
-                         f"img_start_token_id, img_context_token_id)") from None
+        raise ValueError(f"config.json lacks {e}: not a NEO config (need llm_config, vision_config)") from None
     kw.update(hf.get("nano_neo", {}))
     names = {f.name for f in fields(NEOConfig)}
     bad = set(overrides) - names
     if bad:
         raise ValueError(f"unknown config keys {sorted(bad)}; valid: {sorted(names)}")
-    return NEOConfig(**{**kw, **overrides})
+    kw.update(overrides)
+    if kw["img_start_id"] is None or kw["img_context_id"] is None:
+        raise ValueError("config.json has no img_start_token_id / img_context_token_id and the folder no tokenizer "
+                         "files (tokenizer.json or vocab.json) holding <img> and <IMG_CONTEXT>")
+    if kw["img_end_id"] is None:
+        kw["img_end_id"] = kw["img_start_id"] + 1
+    return NEOConfig(**kw)
 
 
 def read_safetensors(path):
     """-> header {name: (shape, dtype)} from the files' headers, and read(name) -> that tensor. Data is read
     only by read(): one read() call straight into the tensor's own memory, with no mapping of the file and no
-    second copy, so loading costs about the file's size in memory and its read time (README, Efficiency)."""
+    second copy, so loading costs about the file's size in memory (README, "Speed on a CPU")."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:

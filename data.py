@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 import warnings
 from functools import lru_cache
 from itertools import combinations
@@ -93,37 +94,58 @@ def get_tokenizer(name_or_path):
     if name_or_path in ("shapes", "bytes"):
         # tiktoken's named encodings download their files on first use; these are built in memory
         ranks = toy_ranks() if name_or_path == "shapes" else {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding(name=name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks,
-                                 special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
+        return BPE(name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks, hidden=range(256, 256 + len(SPECIALS)),
+                   special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
     if os.path.isdir(str(name_or_path)):
         return folder_tokenizer(str(name_or_path))
     raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'shapes' or 'bytes' (the toy's) or a folder "
                      f"holding tokenizer.json or vocab.json (a Qwen3 or released NEO checkpoint)")
 
 
-def folder_tokenizer(path):
-    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
-    origin. Every added token (special or not) becomes a tiktoken special token: encoded as one id only when
-    allowed, so user text can never smuggle in <|im_end|> or <img>."""
+class BPE(tiktoken.Encoding):
+    """A tiktoken.Encoding that also knows what a Hugging Face tokenizer folder adds to its vocabulary: NFC
+    normalisation of input text (Qwen2's tokenizer does it, slow and fast) and the ids of special tokens, which
+    decoded answers leave out (skip_special_tokens=True). Pickles with both."""
+
+    def __init__(self, name, *, nfc=False, hidden=(), **kw):
+        super().__init__(name, **kw)
+        self.nfc, self.hidden = nfc, frozenset(hidden)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "nfc": self.nfc, "hidden": self.hidden}
+
+
+def read_vocab(path):
+    """-> (vocab {token: id}, added {content: (id, special)}) from a folder's tokenizer.json, or vocab.json with
+    tokenizer_config.json / added_tokens.json (Qwen3, released NEO)."""
     tj, vj = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
     added = {}
     if os.path.isfile(tj):
         with open(tj, encoding="utf-8") as f:
             t = json.load(f)
         vocab = t["model"]["vocab"]
-        added = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
+        added = {a["content"]: (a["id"], a.get("special", True)) for a in t.get("added_tokens", [])}
     elif os.path.isfile(vj):
         with open(vj, encoding="utf-8") as f:
             vocab = json.load(f)
         tc, at = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "added_tokens.json")
-        if os.path.isfile(tc):
-            with open(tc, encoding="utf-8") as f:
-                added = {v["content"]: int(k) for k, v in json.load(f).get("added_tokens_decoder", {}).items()}
         if os.path.isfile(at):
             with open(at, encoding="utf-8") as f:
-                added.update(json.load(f))
+                added = {c: (i, True) for c, i in json.load(f).items()}
+        if os.path.isfile(tc):
+            with open(tc, encoding="utf-8") as f:
+                added.update({v["content"]: (int(k), v.get("special", True))
+                              for k, v in json.load(f).get("added_tokens_decoder", {}).items()})
     else:
         raise ValueError(f"{path}: no tokenizer.json or vocab.json; get_tokenizer accepts 'bytes' or such a folder")
+    return vocab, added
+
+
+def folder_tokenizer(path):
+    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
+    origin. Every added token (special or not) becomes a tiktoken special token, which encode_text lets
+    through as one id, except the chat and image markers (user text can never smuggle in <|im_end|> or <img>)."""
+    vocab, added = read_vocab(path)
     dec = {c: b for b, c in bytes_to_unicode().items()}
     try:
         ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in added}
@@ -131,12 +153,22 @@ def folder_tokenizer(path):
         raise ValueError(f"{path}: not a byte-level BPE vocabulary (character {e} outside the GPT-2 byte table)")
     # A plain Qwen3 folder has no image tokens. Append them after the highest id in NEO's order: on Qwen3 this
     # gives <IMG_CONTEXT> 151669, <img> 151670, </img> 151671, the ids of the released NEO checkpoints.
-    nxt = max(max(ranks.values()), max(added.values(), default=-1)) + 1
+    nxt = max(max(ranks.values()), max((i for i, _ in added.values()), default=-1)) + 1
     for s in ("<IMG_CONTEXT>", "<img>", "</img>"):
         if s not in added:
-            added[s], nxt = nxt, nxt + 1
-    return tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT,
-                             mergeable_ranks=ranks, special_tokens=added)
+            added[s], nxt = (nxt, True), nxt + 1
+    hidden = {i for i, special in added.values() if special} | {added[s][0] for s in SPECIALS.values() if s in added}
+    return BPE(os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT, mergeable_ranks=ranks,
+               special_tokens={c: i for c, (i, _) in added.items()}, nfc=True, hidden=hidden)
+
+
+def encode_text(enc, text):
+    """Text -> ids as the authors' Hugging Face tokenizer gives them: NFC first (Qwen2's tokenizer normalises), and
+    added tokens typed in the text (<ref>, <box>, <think>, ...) as their one id. The chat and image markers stay
+    plain text: typed, they would end a turn early or break an image span."""
+    if enc.nfc:
+        text = unicodedata.normalize("NFC", text)
+    return enc.encode(text, allowed_special=enc.special_tokens_set - set(SPECIALS.values()), disallowed_special=())
 
 
 def special_ids(enc):
@@ -179,11 +211,11 @@ def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
         beta = math.sqrt(h * w / max_pixels)
         hb = max(factor, math.floor(h / beta / factor) * factor)
         wb = max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
+        while hb * wb > max_pixels:  # a very long strip clamped to one token row: shorten its long side
+            hb, wb = (hb - factor, wb) if hb > wb else (hb, wb - factor)
+    elif hb * wb < min_pixels:  # rounding up may pass max_pixels a little (min = max: NEO-ov's spatial setting)
+        beta = math.sqrt(min_pixels / (h * w))  # and it stays so, as in the authors' and Qwen2-VL's code
         hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    while hb * wb > max_pixels:  # a very long strip clamped to one token row: shorten its long side
-        hb, wb = (hb - factor, wb) if hb > wb else (hb, wb - factor)
     return hb, wb
 
 
@@ -207,8 +239,23 @@ def to_rgb(img):
     return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, ...
 
 
-def open_image(src):
-    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason."""
+def authors_rgb(img):
+    """RGB as the released models were trained and evaluated (VLMEvalKit*/vlmeval/vlm/neo/utils.py,
+    load_image_native): an RGBA image with some fully transparent pixel is composited on white (their contrast
+    test compares a 0-255 mean with 382.5, so it never picks black); everything else, other RGBA included, is
+    PIL's convert("RGB"), which drops alpha."""
+    if img.mode == "RGBA":
+        a = np.asarray(img.getchannel("A"))
+        if (a == 0).any() and (a > 0).any():  # all transparent: their test finds no colour and converts
+            bg = Image.new("RGB", img.size, (255, 255, 255))
+            bg.paste(img, mask=img.getchannel("A"))
+            return bg
+    return img.convert("RGB")
+
+
+def open_image(src, authors=False):
+    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason.
+    authors=True: the released models' pipeline instead (authors_rgb, no EXIF rotation), the one they learnt."""
     if isinstance(src, Image.Image):
         name, img = "<PIL image>", src
     else:
@@ -232,8 +279,7 @@ def open_image(src):
         raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return authors_rgb(img) if authors else to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{name}: truncated or corrupt image ({e})") from None
 
@@ -248,9 +294,9 @@ def to_tensor(img, min_pixels, max_pixels):
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
-def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256):
+def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256, authors=False):
     """Any file PIL reads (or a PIL image) -> (3, H, W) float tensor, H and W multiples of 32."""
-    img = open_image(path_or_pil)
+    img = open_image(path_or_pil, authors)
     try:
         return to_tensor(img, min_pixels, max_pixels)
     except DataError as e:
@@ -268,21 +314,30 @@ def uniform_indices(n, k):
     return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0):
+def authors_indices(n, k):
+    """k of n frames as the authors' evaluation samples them (VLMEvalKit*/vlmeval/dataset/videomme.py,
+    save_video_frames): int(i * n / (k + 1)) for i = 1..k, with their float step; repeats when n <= k."""
+    step = n / (k + 1)
+    return [int(i * step) for i in range(1, k + 1)]
+
+
+def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False):
     """A folder of frames, a list of frame files, or an animated GIF/WebP -> (frames, timestamps, duration).
 
     frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
     num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
-    frame durations. Timestamps and duration are in seconds."""
+    frame durations. Timestamps and duration are in seconds. authors=True: frames chosen and loaded as the
+    released models' evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
+    pick = authors_indices if authors else uniform_indices
     if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
         files = list(path) if isinstance(path, (list, tuple)) else sorted(
             os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
         if not files:
             raise DataError(f"{path}: no frames")
-        idx = uniform_indices(len(files), num_frames)
-        frames = [load_image(files[i], min_pixels, max_pixels) for i in idx]
+        idx = pick(len(files), num_frames)
+        frames = [load_image(files[i], min_pixels, max_pixels, authors) for i in idx]
         return frames, [i / fps for i in idx], len(files) / fps
-    img = open_image(path)  # validates the file (missing, empty, bomb, ...); frames are read below
+    img = open_image(path, authors)  # validates the file (missing, empty, bomb, ...); frames are read below
     anim = Image.open(path)
     n = getattr(anim, "n_frames", 1)
     starts, t = [], 0.0
@@ -290,20 +345,31 @@ def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps
         anim.seek(i)
         starts.append(t)
         t += (anim.info.get("duration") or 1000 / fps) / 1000
-    frames, idx = [], uniform_indices(n, num_frames)
+    frames, idx = [], pick(n, num_frames)
     for i in idx:
         anim.seek(i)
-        frames.append(to_tensor(to_rgb(anim.convert("RGBA")) if n > 1 else img, min_pixels, max_pixels))
+        rgb = (authors_rgb if authors else to_rgb)(anim.convert("RGBA")) if n > 1 else img
+        frames.append(to_tensor(rgb, min_pixels, max_pixels))
     return frames, [starts[i] for i in idx], t
 
 
-def video_prompt(timestamps, duration):
-    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
+def video_head(n_frames, duration, authors=False):
+    """DESIGN §2's line before the frames. The authors' video datasets (VLMEvalKit_ov/vlmeval/dataset/videomme.py)
+    print the rate as round(fps, 1) ("1.0"); the toy trained with "{fps:.2g}" ("1")."""
     mmss = lambda s: f"{int(s // 60):02d}:{int(s % 60):02d}"
-    fps = len(timestamps) / max(duration, 1e-6)
-    head = (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
-            f"{len(timestamps)} frames sampled at {fps:.2g} FPS.\n")
-    return head + "".join(f"[{int(t // 60):02d}:{t % 60:05.2f}]:<image>\n" for t in timestamps)
+    fps = n_frames / max(duration, 1e-6)
+    return (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
+            f"{n_frames} frames sampled at {round(fps, 1) if authors else format(fps, '.2g')} FPS.\n")
+
+
+def timestamp(t):
+    """Seconds -> "MM:SS.ss", the frame timestamps of DESIGN §2."""
+    return f"{int(t // 60):02d}:{t % 60:05.2f}"
+
+
+def video_prompt(timestamps, duration, authors=False):
+    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
+    return video_head(len(timestamps), duration, authors) + "".join(f"[{timestamp(t)}]:<image>\n" for t in timestamps)
 
 
 # -----------------------------------------------------------------------------
@@ -338,7 +404,7 @@ def encode_chat(enc, messages, images=()):
                     raise DataError(f"more <image> placeholders than the {len(images)} images given", PLACEHOLDERS)
                 add(image_span(images[k], ids), False)
                 k += 1
-            add(enc.encode(part, disallowed_special=()), sup)  # user text "<|im_end|>" stays plain text
+            add(encode_text(enc, part), sup)
         add([ids["im_end"]], sup)
         add(nl, False)
     if k != len(images):
@@ -350,7 +416,7 @@ def encode_pair(enc, images, caption):
     """A pre-training pair without chat template: image spans, then the caption; labels on caption + eot."""
     ids = special_ids(enc)
     head = [t for img in images for t in image_span(img, ids)]
-    text = enc.encode(caption, disallowed_special=()) + [ids["eot"]]
+    text = encode_text(enc, caption) + [ids["eot"]]
     return {"input_ids": head + text, "labels": [IGNORE_INDEX] * len(head) + text, "images": list(images)}
 
 

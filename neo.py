@@ -539,12 +539,15 @@ class NEO(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                        eos_id=None, seed=None, use_cache=True, vocab_limit=None):
+                        eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0):
         """Yield new token ids one at a time (B = 1 rows are yielded as ints, else (B,) tensors).
         Prefill once with the mixed mask, then decode through a preallocated KV cache. use_cache=False
         re-runs the whole sequence every step: the slow reference the tests compare against.
-        vocab_limit: the tokenizer's size; ids from it up (the vocabulary's padding) are never emitted."""
+        vocab_limit: the tokenizer's size; ids from it up (the vocabulary's padding) are never emitted.
+        temperature, top_k, top_p, repetition_penalty: as sample_next (Hugging Face semantics)."""
         B, L = input_ids.shape
+        # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too)
+        seen = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
         if use_cache:
             param = next(self.parameters())
@@ -560,7 +563,10 @@ class NEO(nn.Module):
             logits[:, -1, no_img] = float("-inf")  # never emit an image span: there is no image to put in it
             if vocab_limit:  # nor an id past the tokenizer (the vocabulary's padding): it cannot be decoded
                 logits[:, -1, vocab_limit:] = float("-inf")
-            nxt = sample_next(logits[:, -1], temperature, top_k, gen)  # (B,)
+            nxt = sample_next(logits[:, -1], temperature, top_k, gen, top_p, repetition_penalty,
+                              None if seen is None else seen[:, :L + i])  # (B,)
+            if seen is not None:
+                seen[:, L + i] = nxt
             yield int(nxt[0]) if B == 1 else nxt
             if eos_id is not None:
                 done |= nxt == eos_id
@@ -575,11 +581,11 @@ class NEO(nn.Module):
                 logits, _ = self(seq, images, last_only=True)
 
     def generate(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None,
-                 seed=None, use_cache=True, vocab_limit=None):
+                 seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0):
         """-> (B, n_new) new token ids (stops early once every row has produced eos_id)."""
         toks = [torch.as_tensor(t, device=input_ids.device).reshape(-1) for t in
                 self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache,
-                                     vocab_limit)]
+                                     vocab_limit, top_p, repetition_penalty)]
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
     # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
@@ -599,15 +605,27 @@ class NEO(nn.Module):
         return checkpoint.load(path, dtype, **overrides)
 
 
-def sample_next(logits, temperature=0.0, top_k=None, generator=None):
-    """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k clamped to the vocabulary."""
+def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None, repetition_penalty=1.0,
+                prev_ids=None):
+    """logits (B, V) -> (B,) token ids, in Hugging Face's order: the repetition penalty on every id in prev_ids
+    (B, n) (a logit > 0 is divided by it, one < 0 multiplied), then temperature (0 = argmax), top_k (clamped to
+    the vocabulary), top_p (keep the smallest set of likeliest tokens whose probability sums to >= top_p,
+    never fewer than one)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and prev_ids is not None:
+        s = logits.gather(1, prev_ids)
+        logits = logits.scatter(1, prev_ids, torch.where(s < 0, s * repetition_penalty, s / repetition_penalty))
     if temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits.float()
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max first: a tiny temperature gives -inf, not nan
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and top_p < 1.0:  # as HF: drop the unlikeliest tokens while their total is <= 1 - top_p
+        srt, idx = logits.sort(-1)  # ascending
+        drop = srt.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # the likeliest token always stays
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

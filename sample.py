@@ -7,18 +7,23 @@ Ask NEO about an image, several images or a video, and watch the answer stream o
     python sample.py --image cat.jpg --show_attention attn.png      # where the answer looked
     python sample.py --draw_mask mask.png                           # NEO's (t, h, w) indices and mask, drawn
     python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --device cuda   # the authors' weights
+    python sample.py --init_from /path/NEO1_5-2B-SFT --video clip.mp4_frames/ --dry_run   # the prompt, no weights
 
 --init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
 (out/final, out/sft, ...: config.json, model.safetensors, tokenizer.txt or tokenizer files) or a training
-checkpoint (out/ckpt.pt). The prompt is built the way the model was trained to read it (--template):
-  neo    the authors' chat code: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<image>\\n{question}
-         <|im_end|>\\n<|im_start|>assistant\\n`; several images as "Image-1: <image>\\nImage-2: <image>\\n{question}"
-         (NEO-ov evaluation); a video as timestamped frames (data.video_prompt)
-  shapes our toy's training format (data.ShapesWorld): no system turn, "<image>{question}"
-each <image> becoming `<img>` + (H/32)*(W/32) x `<IMG_CONTEXT>` + `</img>`. Generation stops at <|im_end|>.
+checkpoint (out/ckpt.pt). --preset sets the prompt, the pixel budgets and the decoding (PRESETS below):
+  neo1       NEO 1.0 as the authors evaluate it: no system turn, several images as "Image-1: <image>\n...", greedy
+  neo-ov     NEO-ov images and video: "Reason step by step.", unnumbered images, timestamped frames, sampling
+  neo-ov-si  NEO-ov's spatial setting: no system turn, 720x960 px per image, "Frame1 is at [00:00.50]:<image>"
+  shapes     our toy's training format (data.ShapesWorld): no system turn, "<image>{question}", greedy
+Default: shapes for our checkpoints; for a released folder its config's template (neo-ov for NEO1_5, else neo1).
+The chat template is `<|im_start|>system\n{system}<|im_end|>\n` (left out when the system text is empty), then
+`<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n`, each <image> becoming `<img>` +
+(H/32)*(W/32) x `<IMG_CONTEXT>` + `</img>`. Generation stops at <|im_end|>.
 """
 import argparse
 import codecs
+import json
 import os
 import sys
 
@@ -26,15 +31,36 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 from neo import NEO, KVCache, NEOConfig, build_attention_mask, build_positions
 
-# The system turn of the authors' chat code. Their modeling_neo_chat.py (read) puts "<image>\n" before the
-# question, expands it to <img> + n x <IMG_CONTEXT> + </img>, stops at the template's separator, and takes
-# the system text from a conversation template (conversation.py) whose text we could not read. NOTE: taken
-# to be Qwen's default; check it against that file before quoting benchmark numbers. --system overrides it.
-NEO_SYSTEM = "You are a helpful assistant."
 ATTN_LAYERS = 4  # --show_attention averages over the last this-many layers (all heads)
+K = 32 * 32      # pixels of one visual token
+
+# Inference as the authors evaluate their released models (github EvolvingLMMs-Lab/NEO; DESIGN.md §10), and the
+# toy's own. Pixel budgets (min, max) per image and per video frame; None: the model config's, as the toy trained.
+# max_new_tokens is capped by the context. The layout of images and frames is build_messages'.
+PRESETS = {
+    # NEO 1.0: VLMEvalKit/vlmeval/config.py (NEO-2B-SFT budgets), vlm/neo/neo_chat.py (system '', greedy, 4096
+    # new tokens), vlm/neo/utils.py (reorganize_prompt; build_video_prompt turns numbered frames into Frame-k).
+    # That kit has one budget per model, so video frames get the image budget.
+    "neo1": dict(system="", image_pixels=(1280 * K, 4096 * K), frame_pixels=(1280 * K, 4096 * K),
+                 temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=4096),
+    # NEO-ov (NEO1_5) images and video: VLMEvalKit_ov/vlmeval/config.py (NEOov-2B-image, NEOov-2B-video),
+    # vlm/neo/neo_chat.py (system and sampling), vlm/neo/utils.py (reorganize_prompt), dataset/videomme.py
+    # (frames at int(i*n/(k+1)), the time line, "[MM:SS.ss]:<image>" per frame)
+    "neo-ov": dict(system="Reason step by step.", image_pixels=(1280 * K, 16384 * K), frame_pixels=(4 * K, 360 * 640),
+                   temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.05, max_new_tokens=16384),
+    # NEO-ov's spatial setting: config.py (NEOov-2B-si), vlm/neo_si/neo_chat.py (system '', greedy, 4096),
+    # vlm/neo_si/utils.py (reorganize_prompt: numbered images, "Frame{i} is at [MM:SS.ss]:<image>" lines)
+    "neo-ov-si": dict(system="", image_pixels=(720 * 960, 720 * 960), frame_pixels=(720 * 960, 720 * 960),
+                      temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=4096),
+    # our toy (data.ShapesWorld): the config's budget per image, a quarter of it per video frame
+    "shapes": dict(system="", image_pixels=None, frame_pixels=None,
+                   temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=256),
+}
+DECODING = ("system", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")  # flag = preset key
 
 
 class SampleError(Exception):
@@ -69,23 +95,32 @@ def get_args(argv=None):
     p.add_argument("--video", nargs="+", help="a folder of frames, an animated GIF/WebP, or frame files")
     p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly from --video (default 8)")
     p.add_argument("--prompt", default=None, help="the question (default: asks for a description)")
-    p.add_argument("--system", default=None, help=f"system message (default: {NEO_SYSTEM!r} with --template "
-                                                  "neo, none with shapes)")
-    p.add_argument("--template", default="auto", choices=["auto", "neo", "shapes"],
-                   help="prompt format (default auto: shapes for our checkpoints, neo for released folders)")
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                   help="prompt layout, system turn, pixel budgets and decoding (default auto: shapes for our "
+                        "checkpoints, a released folder's own from its config's template)")
+    p.add_argument("--template", default=None, choices=["neo", "shapes"], help="old name: neo = --preset neo1")
+    p.add_argument("--system", default=None, help="system message (default: the preset's; '' = no system turn)")
     p.add_argument("--init_from", default=None, help="model folder or ckpt.pt (default: OUT_DIR/final)")
     p.add_argument("--out_dir", default="out", help="train.py's out_dir, where the default model is (default out)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="default 256")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (default: all)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the exact prompt text (image spans written out) to stdout and exit; reads the "
+                        "config and tokenizer, not the weights")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the preset's, capped by the context")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the preset's)")
+    p.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens only; 0 = all")
+    p.add_argument("--top_p", type=float, default=None, help="sample from the likeliest tokens holding this "
+                                                             "probability (nucleus); 1 = all")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="divide (multiply if < 0) the logit of every id seen so far, prompt included; 1 = off")
     p.add_argument("--seed", type=int, default=1337, help="for sampling (default 1337)")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default auto: bfloat16 on a GPU; on a CPU the faster of float32 and bfloat16 here, "
                         "measured on one of the model's layers")
-    p.add_argument("--min_pixels", type=int, default=None, help="per image (default: the model's config)")
-    p.add_argument("--max_pixels", type=int, default=None,
-                   help="per image, and per video frame (default: the model's config; a quarter of it per frame)")
+    p.add_argument("--min_pixels", type=int, default=None, help="per image and per video frame (default: the "
+                                                                "preset's)")
+    p.add_argument("--max_pixels", type=int, default=None, help="per image and per video frame (default: the "
+                                                                "preset's)")
     p.add_argument("--draw_mask", default=None, metavar="OUT.png",
                    help="draw the (t, h, w) indices and the mixed mask of an example sequence to OUT.png, then exit")
     p.add_argument("--show_attention", default=None, metavar="OUT.png",
@@ -99,8 +134,8 @@ def get_args(argv=None):
 # Model and tokenizer
 
 
-def load_model(path, device, dtype):
-    """-> (model, tokenizer, ours). ours: written by train.py (ckpt.pt, tokenizer.txt or our config.json)."""
+def load_tokenizer(path):
+    """-> (tokenizer, ours). ours: written by train.py (ckpt.pt, tokenizer.txt or our config.json)."""
     if not os.path.exists(path):
         raise SampleError(f"{path} does not exist: pass a released NEO folder, a folder train.py wrote, or a ckpt.pt")
     ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
@@ -131,27 +166,42 @@ def load_model(path, device, dtype):
             '"nano_neo"' in open(os.path.join(path, "config.json"), errors="replace").read()
     try:
         enc = data.get_tokenizer(tok)
-        ids = data.special_ids(enc)
+        data.special_ids(enc)
     except (ValueError, OSError, KeyError) as e:
         raise SampleError(f"{path}: cannot read its tokenizer {tok!r} ({why(e)}); use the tokenizer files that "
                           f"came with the checkpoint") from None
+    return enc, ours
+
+
+def load_config(path, enc):
+    """The model's NEOConfig without its weights, checked against the tokenizer."""
     try:
-        model = NEO.from_pretrained(path, dtype=dtype)  # each tensor cast as it is read: no float32 copy first
-    except Exception as e:  # strict loading names the missing / unexpected / mis-shaped tensor
+        cfg, _ = checkpoint.read_config(path)
+    except Exception as e:
         raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
                           f"or a ckpt.pt, with its config and weights from the same model") from None
-    cfg = model.cfg
+    ids = data.special_ids(enc)
     if (ids["img_start"], ids["img_context"]) != (cfg.img_start_id, cfg.img_context_id) or enc.n_vocab > cfg.vocab_size:
         raise SampleError(f"{path}: tokenizer and model disagree (tokenizer: <img> {ids['img_start']}, <IMG_CONTEXT> "
                           f"{ids['img_context']}, {enc.n_vocab} ids; model: {cfg.img_start_id}, {cfg.img_context_id}, "
                           f"vocab {cfg.vocab_size}); use the tokenizer files that came with the checkpoint")
-    cfg.img_end_id = ids["img_end"]  # not in the authors' config.json; the tokenizer holds it
+    return cfg
+
+
+def load_model(path, device, dtype, enc):
+    ids = data.special_ids(enc)
+    try:  # each tensor cast as it is read: no float32 copy first. The image ids: the tokenizer's (load_config)
+        model = NEO.from_pretrained(path, dtype=dtype, img_start_id=ids["img_start"],
+                                    img_context_id=ids["img_context"], img_end_id=ids["img_end"])
+    except Exception as e:  # strict loading names the missing / unexpected / mis-shaped tensor
+        raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
+                          f"or a ckpt.pt, with its config and weights from the same model") from None
     try:
         model.eval().to(device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
         raise SampleError(f"cannot put the model on --device={device} --dtype={str(dtype)[6:] or 'auto'} ({why(e)}); "
                           f"try --device=cpu") from None
-    return model, enc, ours
+    return model
 
 
 def available_memory():
@@ -169,7 +219,7 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     expected answer time. No rule by CPU flag is right: bf16 halves the bytes a large model's decode reads, but
     its GEMMs run at half the fp32 rate on CPUs without AVX512-BF16 or AMX; a small model's decode is bound by
     per-op overhead, where bf16's casts cost more than they save and a second thread only adds waiting (the toy:
-    207 tok/s on one thread, 198 on two, 89 on two beside a busy process; README, Efficiency)."""
+    207 tok/s on one thread, 198 on two, 89 on two beside a busy process; EXPERIMENTS.md)."""
     import copy
     import dataclasses
     import time
@@ -215,39 +265,107 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
 # Prompt
 
 
-def build_messages(question, n_images, video_text, template, system):
-    """-> [(role, text)] with one `<image>` per image and video frame, for data.build_prompt."""
-    if template == "shapes":  # as ShapesWorld trains: "<image><image>Which image ...?"
-        user = "<image>" * n_images + (video_text or "") + question
-    else:  # the authors' chat code; NEO-ov numbers several images
-        if n_images == 1:
-            head = "<image>\n"
-        else:
-            head = "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images))
-        user = head + (video_text or "") + question
+def choose_preset(name, template, ours, path):
+    """--preset auto: our checkpoints keep the toy's format; a released folder follows its config's template:
+    NEO-ov for NEO1_5 (its template's name is not in the authors' repository: "1_5" in it or in the folder's
+    name, as in NEO1_5-2B-SFT), NEO 1.0 for "neo1_0" and when the folder does not say. --template: old name."""
+    if name != "auto" or template:
+        return name if name != "auto" else {"neo": "neo1", "shapes": "shapes"}[template]
+    if ours:
+        return "shapes"
+    with open(os.path.join(path, "config.json")) as f:
+        said = str(json.load(f).get("template") or "") + " " + os.path.basename(os.path.normpath(path))
+    return "neo-ov" if "1_5" in said else "neo1"
+
+
+def settings(name, args, cfg):
+    """The preset's settings with every flag given on the command line in their place; pixel budgets resolved."""
+    s = dict(PRESETS[name])
+    if s["image_pixels"] is None:  # the toy's: the config's, a quarter of it per video frame
+        hi = min(cfg.max_pixels, data.MAX_PIXELS)
+        lo = min(cfg.min_pixels, hi)
+        s["image_pixels"], s["frame_pixels"] = (lo, hi), (lo, cfg.max_pixels // 4)
+    for key in ("image_pixels", "frame_pixels"):  # a flag sets both; a lower max takes the min down with it
+        lo, hi = s[key]
+        hi = args.max_pixels or hi
+        lo = args.min_pixels or min(lo, hi)
+        s[key] = (lo, hi if args.max_pixels else max(lo, hi))
+    for k in DECODING:
+        if getattr(args, k) is not None:
+            s[k] = getattr(args, k)
+    s["top_k"] = s["top_k"] if s["top_k"] and s["top_k"] > 0 else None
+    s["top_p"] = s["top_p"] if s["top_p"] is not None and s["top_p"] < 1 else None
+    return s
+
+
+def describe(name, s):
+    """The one stderr line saying which settings are in force."""
+    px = lambda b: f"{b[0]}-{b[1]} px ({b[0] // K}-{b[1] // K} tokens)"
+    dec = "greedy" if s["temperature"] == 0 else f"sampling at temperature {s['temperature']}, top_p {s['top_p']}, " \
+                                                 f"top_k {s['top_k']}"
+    return (f"preset {name}: system {s['system']!r}; images {px(s['image_pixels'])}, video frames "
+            f"{px(s['frame_pixels'])}; {dec}, repetition_penalty {s['repetition_penalty']}, max_new_tokens "
+            f"{s['max_new_tokens']} (flags override each)")
+
+
+def build_messages(question, n_images, stamps, duration, preset, system):
+    """-> [(role, text)] with one `<image>` per image and video frame (images first), for data.build_prompt.
+    stamps: the video frames' times in seconds (None: no video); duration: the video's length in seconds."""
+    n_frames = len(stamps or [])
+    if preset == "shapes":  # as ShapesWorld trains: "<image><image>Which image ...?"
+        user = "<image>" * n_images + (data.video_prompt(stamps, duration) if n_frames else "") + question
+    elif n_images + n_frames == 1:  # reorganize_prompt's one-image form, in every kit
+        user = "<image>\n" + question
+    elif preset == "neo-ov":  # unnumbered, in the message's order: images first, as the kit's datasets list them
+        video = data.video_prompt(stamps, duration, authors=True) if n_frames else ""
+        user = "<image>\n" * n_images + video + question
+    else:  # neo1 and neo-ov-si number several images; their videos differ
+        user = "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) if n_images > 1 else "<image>\n" * n_images
+        if n_frames and preset == "neo1":  # no times: build_video_prompt renames the numbered images to frames
+            user += "".join(f"Frame-{i + 1}: <image>\n" for i in range(n_frames))
+        elif n_frames:
+            user += data.video_head(n_frames, duration, authors=True) + "\n".join(
+                f"Frame{i + 1} is at [{data.timestamp(t)}]:<image>" for i, t in enumerate(stamps)) + "\n"
+        user += question
     return ([("system", system)] if system else []) + [("user", user)]
 
 
-def default_question(n_images, video, template):
+def default_question(n_images, video, preset):
     if video:
-        return "Describe the video." if template == "shapes" else "Describe this video in detail."
+        return "Describe the video." if preset == "shapes" else "Describe this video in detail."
     if n_images > 1:
-        return "Describe the images." if template == "shapes" else "Describe these images in detail."
-    return "Describe the image." if template == "shapes" else "Describe this image in detail."
+        return "Describe the images." if preset == "shapes" else "Describe these images in detail."
+    return "Describe the image." if preset == "shapes" else "Describe this image in detail."
 
 
-def text_pieces(tokens, enc):
+def text_pieces(tokens, enc, stops=None):
     """Token ids -> text as it streams. Bytes wait until they form whole UTF-8 characters (a byte-level token
-    can end mid-character); stops at <|im_end|> or <|endoftext|>; other special ids print nothing."""
+    can end mid-character); stops at an id in stops (default <|im_end|> and <|endoftext|>); special tokens
+    print nothing (skip_special_tokens=True)."""
     ids = data.special_ids(enc)
-    special, stops = set(ids.values()), {ids["im_end"], ids["eot"]}
+    stops = stops or {ids["im_end"], ids["eot"]}
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for tok in tokens:
         if tok in stops:
             break
-        if tok not in special and tok < enc.n_vocab:  # ids past the tokenizer: the model's vocab padding
+        if tok not in enc.hidden and tok < enc.n_vocab:  # ids past the tokenizer: the model's vocab padding
             yield utf8.decode(enc.decode_single_token_bytes(tok))
     yield utf8.decode(b"", final=True)
+
+
+def stripped(pieces):
+    """The answer as the authors' chat() returns it, .strip()ped: leading whitespace dropped, trailing
+    whitespace held back until more text follows it."""
+    held, started = "", False
+    for p in pieces:
+        held += p
+        if not started:
+            held = held.lstrip()
+            started = bool(held)
+        body = held.rstrip()
+        if body:
+            yield body
+            held = held[len(body):]
 
 
 # -----------------------------------------------------------------------------
@@ -332,57 +450,60 @@ def main(argv=None):
                                           "bfloat16" if "cuda" in device else "float32")
     if not args.image and not args.video:
         raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
-    if args.num_frames < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf"):
-        raise SampleError(f"--num_frames and --max_new_tokens must be at least 1, --temperature a number from 0 "
-                          f"(greedy) up, got {args.num_frames}, {args.max_new_tokens}, {args.temperature}")
+    bad = [f"--{k}={v}" for k, v, ok in (
+        ("num_frames", args.num_frames, args.num_frames >= 1),
+        ("max_new_tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1),
+        ("temperature", args.temperature, args.temperature is None or 0 <= args.temperature < float("inf")),
+        ("top_p", args.top_p, args.top_p is None or 0 < args.top_p <= 1),
+        ("repetition_penalty", args.repetition_penalty,
+         args.repetition_penalty is None or 0 < args.repetition_penalty < float("inf"))) if not ok]
+    if bad:
+        raise SampleError(f"{', '.join(bad)}: --num_frames and --max_new_tokens must be at least 1, --temperature a "
+                          f"number from 0 (greedy) up, --top_p in (0, 1], --repetition_penalty a number above 0")
     for flag in ("prompt", "system"):
         if "<image>" in (getattr(args, flag) or ""):
             raise SampleError(f"--{flag} holds '<image>': sample.py puts each --image / --video frame into the "
                               f"prompt itself; leave the placeholder out")
     for flag in ("min_pixels", "max_pixels"):
-        if getattr(args, flag) is not None and not 32 * 32 <= getattr(args, flag) <= data.MAX_PIXELS:
+        if getattr(args, flag) is not None and not K <= getattr(args, flag) <= data.MAX_PIXELS:
             raise SampleError(f"--{flag}={getattr(args, flag)} is outside 1024 (one 32x32 visual token) to "
                               f"{data.MAX_PIXELS} (data.MAX_PIXELS, a 4096x4096 image)")
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
 
-    # the model: --init_from, else the toy pipeline's final stage in out_dir
+    # the tokenizer and config (--dry_run needs no more), then the settings in force
     path = args.init_from or os.path.join(args.out_dir, "final")
     if not args.init_from and not os.path.exists(path):
         raise SampleError(f"no model at {path}: run `python train.py` first (it writes {path}/), "
                           f"or pass --init_from=DIR (a released NEO folder, one of ours, or a ckpt.pt)")
-    model, enc, ours = load_model(path, device, dtype)
-    cfg, ids = model.cfg, data.special_ids(enc)
-    template = args.template if args.template != "auto" else ("shapes" if ours else "neo")
-    system = args.system if args.system is not None else (NEO_SYSTEM if template == "neo" else "")
+    enc, ours = load_tokenizer(path)
+    cfg, ids = load_config(path, enc), data.special_ids(enc)
+    name = choose_preset(args.preset, args.template, ours, path)
+    s = settings(name, args, cfg)
+    authors = name != "shapes"  # the released models' image loading and frame sampling (data.authors_rgb)
+    for what, (lo, hi) in (("image", s["image_pixels"]), ("video frame", s["frame_pixels"])):
+        if not K <= lo <= hi:
+            raise SampleError(f"need 1024 <= --min_pixels ({lo}) <= --max_pixels ({hi}) per {what}")
 
     # images and video frames, at native resolution within the pixel budget
-    max_px = args.max_pixels or min(cfg.max_pixels, data.MAX_PIXELS)
-    min_px = args.min_pixels or min(cfg.min_pixels, max_px)
-    if not 32 * 32 <= min_px <= max_px:
-        raise SampleError(f"need 1024 <= --min_pixels ({min_px}) <= --max_pixels ({max_px})")
-    images, first = [], None
+    images, first, stamps, duration = [], None, None, None
     for f in args.image:
         try:  # a missing, empty or corrupt file raises DataError naming it and saying why
-            pil = data.open_image(f)
-            images.append(data.to_tensor(pil, min_px, max_px))
+            pil = data.open_image(f, authors)
+            images.append(data.to_tensor(pil, *s["image_pixels"]))
         except data.DataError as e:
             raise SampleError(f"{e}; --image takes an image file (JPEG, PNG, WebP, ...)") from None
         first = pil if first is None else first
-    video_text = None
     if args.video:
         src = args.video[0] if len(args.video) == 1 else args.video
         try:
-            frames, stamps, duration = data.load_video(src, args.num_frames, min_px,
-                                                       args.max_pixels or max(min_px, cfg.max_pixels // 4))
+            frames, stamps, duration = data.load_video(src, args.num_frames, *s["frame_pixels"], authors=authors)
         except data.DataError as e:
             raise SampleError(f"{e}; --video takes a folder of frame images, an animated GIF/WebP, "
                               f"or frame files") from None
-        video_text = data.video_prompt(stamps, duration)
         first = to_pil(frames[0]) if first is None else first
         images.extend(frames)
 
-    question = args.prompt or default_question(len(args.image), args.video, template)
-    msgs = build_messages(question, len(args.image), video_text, template, system)
+    question = args.prompt or default_question(len(args.image), args.video, name)
+    msgs = build_messages(question, len(args.image), stamps, duration, name, s["system"])
     try:
         prompt = data.build_prompt(enc, msgs, images)
     except data.DataError as e:
@@ -391,12 +512,22 @@ def main(argv=None):
     if L >= cfg.max_seq_len:
         raise SampleError(f"the prompt with its images is {L} tokens, over the model's context of {cfg.max_seq_len}: "
                           f"lower --max_pixels, pass fewer images or --num_frames, or shorten --prompt")
+    if args.dry_run:  # exactly what the model would read: special tokens and image spans written out
+        print(describe(name, s), file=sys.stderr)
+        sys.stdout.write(enc.decode(prompt["input_ids"]))
+        sys.stdout.flush()
+        return
+    n_new = min(s["max_new_tokens"], cfg.max_seq_len - L)
+
+    model = load_model(path, device, dtype, enc)
+    print(describe(name, s), file=sys.stderr)  # after the last error that can stop us: one line per failure
     if auto_cpu:
-        dtype, threads = choose_cpu_setting(model, L, args.max_new_tokens)
+        dtype, threads = choose_cpu_setting(model, L, n_new)
         model.to(dtype)
         torch.set_num_threads(threads)
     dtype = next(model.parameters()).dtype
-    print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, template {template}, prompt {L} tokens, "
+    cfg = model.cfg
+    print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, prompt {L} tokens, up to {n_new} new, "
           f"{device} {str(dtype)[6:]}", file=sys.stderr)
     x = torch.tensor([prompt["input_ids"]], device=device)
     imgs = [im.to(device) for im in prompt["images"]]
@@ -417,9 +548,12 @@ def main(argv=None):
                 maps.append(sum(blk.self_attn.last_attn[0, :, -1, pos].mean(0) for blk in layers) / len(layers))
             yield tok
 
-    stream = model.generate_stream(x, imgs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=top_k, eos_id=ids["im_end"], seed=args.seed, vocab_limit=enc.n_vocab)
-    for piece in text_pieces(record(stream), enc):
+    stream = model.generate_stream(x, imgs, max_new_tokens=n_new, temperature=s["temperature"], top_k=s["top_k"],
+                                   eos_id=ids["im_end"], seed=args.seed, vocab_limit=enc.n_vocab, top_p=s["top_p"],
+                                   repetition_penalty=s["repetition_penalty"])
+    # the authors' chat() stops at <|im_end|> alone and strips the answer; the toy also stops at <|endoftext|>
+    pieces = text_pieces(record(stream), enc, {ids["im_end"]} if authors else None)
+    for piece in stripped(pieces) if authors else pieces:
         print(piece, end="", flush=True)
     print(flush=True)
     if args.show_attention:

@@ -57,26 +57,28 @@ def test_shapes_tokenizer():
     assert max(sample["input_ids"]) < enc.n_vocab
 
 
-def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False):
+def write_bpe_folder(path, layout="tokenizer.json", image_tokens=False, extra=()):
     """A tiny byte-level BPE in the Qwen layout: 256 byte tokens (ids in GPT-2 table order, as in Qwen), a few
-    merges whose ids follow merge order, and added tokens after them."""
+    merges whose ids follow merge order, and added tokens after them. extra: more added tokens, as
+    (content, special) pairs (Qwen3 lists <think> as not special, NEO adds <ref>, <box>, ...)."""
     b2u = data.bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(b2u.values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<IMG_CONTEXT>", "<img>", "</img>"] if image_tokens else [])
-    added_ids = {s: len(vocab) + 10 + i for i, s in enumerate(added)}  # a gap, as in real checkpoints
+    special = {**{s: True for s in added}, **dict(extra)}
+    added_ids = {s: len(vocab) + 10 + i for i, s in enumerate(special)}  # a gap, as in real checkpoints
     os.makedirs(path, exist_ok=True)
     if layout == "tokenizer.json":
         tj = {"model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
-              "added_tokens": [{"id": i, "content": s, "special": True} for s, i in added_ids.items()]}
+              "added_tokens": [{"id": i, "content": s, "special": special[s]} for s, i in added_ids.items()]}
         json.dump(tj, open(os.path.join(path, "tokenizer.json"), "w"))
     else:
         json.dump(vocab, open(os.path.join(path, "vocab.json"), "w"))
         open(os.path.join(path, "merges.txt"), "w").write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
-        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in added_ids.items()}},
-                  open(os.path.join(path, "tokenizer_config.json"), "w"))
+        decoder = {str(i): {"content": s, "special": special[s]} for s, i in added_ids.items()}
+        json.dump({"added_tokens_decoder": decoder}, open(os.path.join(path, "tokenizer_config.json"), "w"))
     return vocab, added_ids
 
 
@@ -105,6 +107,25 @@ def test_neo_folder_keeps_its_image_ids(tmp_path):
     _, added = write_bpe_folder(str(tmp_path / "neo"), image_tokens=True)
     ids = data.special_ids(data.get_tokenizer(str(tmp_path / "neo")))
     assert ids["img_start"] == added["<img>"] and ids["img_context"] == added["<IMG_CONTEXT>"]
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+def test_folder_tokenizer_as_hugging_face(tmp_path, layout):
+    """As the authors' Qwen2 tokenizer: user text is NFC-normalised; an added token typed in it (<ref>, <think>)
+    is its one id, while typed chat and image markers stay plain text; the toy tokenizers keep text as it is."""
+    _, added = write_bpe_folder(str(tmp_path / "neo"), layout, image_tokens=True,
+                                extra=[("<ref>", True), ("<think>", False)])
+    enc = data.get_tokenizer(str(tmp_path / "neo"))
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert data.encode_text(enc, decomposed) == data.encode_text(enc, composed) == enc.encode(composed)
+    assert enc.encode(decomposed) != enc.encode(composed)  # so the normalisation did it
+    toy = data.get_tokenizer("bytes")
+    assert data.encode_text(toy, decomposed) == list(decomposed.encode())
+    ids = data.encode_text(enc, "a<ref>b<think>c")
+    assert ids == enc.encode("a") + [added["<ref>"]] + enc.encode("b") + [added["<think>"]] + enc.encode("c")
+    for marker in ("<|im_end|>", "<img>", "<IMG_CONTEXT>"):
+        assert data.encode_text(enc, marker) == enc.encode(marker, disallowed_special=())
+    assert enc.hidden == {added[s] for s in added if s != "<think>"}  # special tokens, hidden from answers
 
 
 def test_unknown_tokenizer():
@@ -189,6 +210,42 @@ def test_image_modes_and_exif(tmp_path):
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[32, 32].tolist() == [255, 255, 255]
 
 
+def test_authors_image_loading(tmp_path):
+    """authors=True, as VLMEvalKit's load_image_native: RGBA with a fully transparent pixel goes on white (white
+    content too), alpha blended; RGBA without one, and LA, just drop alpha; no EXIF rotation."""
+    im = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    im.putpixel((1, 0), (0, 0, 0, 51))         # on white: 255 * (255 - 51) / 255 = 204
+    im.putpixel((2, 0), (255, 255, 255, 255))  # white content: still white background (ours puts it on black)
+    im.putpixel((3, 0), (10, 20, 30, 255))
+    p = str(tmp_path / "a.png")
+    im.save(p)
+    rgb = np.asarray(data.open_image(p, authors=True))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [204, 204, 204]
+    assert rgb[0, 2].tolist() == [255, 255, 255] and rgb[0, 3].tolist() == [10, 20, 30]
+    opaque = Image.new("RGBA", (2, 2), (10, 20, 30, 1))  # nearly transparent, never fully: alpha dropped
+    assert np.asarray(data.authors_rgb(opaque))[0, 0].tolist() == [10, 20, 30]
+    assert np.asarray(data.authors_rgb(Image.new("LA", (2, 2), (90, 0))))[0, 0].tolist() == [90, 90, 90]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = str(tmp_path / "rot.jpg")
+    photo(96, 64).save(p, exif=exif)
+    assert data.open_image(p, authors=True).size == (96, 64) and data.open_image(p).size == (64, 96)
+    assert data.load_image(p, authors=True).shape == (3, 64, 96)
+
+
+def test_smart_resize_as_the_authors():
+    """Sizes worked by hand from the authors' smart_resize (VLMEvalKit*/vlmeval/vlm/neo/utils.py). Rounding up to
+    min_pixels may pass max_pixels, and stays so: at NEO-ov's spatial budget (720*960 both) a 96x64 image
+    gives beta = sqrt(691200 / 6144) = 10.607, 64*10.607/32 = 21.2 -> 22 rows, 96*10.607/32 = 31.8 -> 32
+    columns: 704x1024 = 720,896 px (704 tokens)."""
+    assert data.smart_resize(64, 96, 720 * 960, 720 * 960) == (704, 1024)
+    # NEO 1.0's budget (1280..4096 tokens), the issue's 451x300 photo: beta = sqrt(1310720 / 135300) = 3.1125,
+    # 300*3.1125/32 = 29.2 -> 30, 451*3.1125/32 = 43.9 -> 44: 1,320 tokens
+    assert data.smart_resize(300, 451, 1280 * 1024, 4096 * 1024) == (960, 1408)
+    # over the max: beta = sqrt(3000*4000 / 4194304) = 1.6915, floor(1773.6/32) = 55, floor(2364.8/32) = 73
+    assert data.smart_resize(3000, 4000, 1280 * 1024, 4096 * 1024) == (1760, 2336)
+
+
 # ---- video
 
 
@@ -213,6 +270,24 @@ def test_video_sources(tmp_path):
     text = data.video_prompt([0.0, 2.5, 5.0], 7.5)
     assert text.startswith("The time range of this video is [00:00-00:07], and the following is a series of 3 frames")
     assert "[00:02.50]:<image>\n" in text and text.count("<image>") == 3
+
+
+def test_video_as_the_authors_sample_it(tmp_path):
+    """authors=True: frames at int(i * n / (k + 1)), i = 1..k (VLMEvalKit_ov/vlmeval/dataset/videomme.py), and
+    the rate printed as round(fps, 1): "2.0" where the toy prints "2"."""
+    assert data.authors_indices(10, 4) == [2, 4, 6, 8]    # step 10 / 5 = 2
+    assert data.authors_indices(8, 4) == [1, 3, 4, 6]     # step 1.6: 1.6, 3.2, 4.8, 6.4
+    assert data.authors_indices(3, 4) == [0, 1, 1, 2]     # step 0.6: fewer frames than asked repeat
+    files = []
+    for i in range(10):
+        files.append(str(tmp_path / f"{i:03d}.png"))
+        Image.new("RGB", (64, 64), (i * 20, 0, 0)).save(files[-1])
+    fr, ts, dur = data.load_video(files, 4, authors=True)
+    assert ts == [2, 4, 6, 8] and dur == 10 and [round(f[0, 0, 0].item(), 3) for f in fr] == \
+        [round((i * 20 / 255 - 0.485) / 0.229, 3) for i in (2, 4, 6, 8)]
+    assert data.video_head(4, 2.0, authors=True) == ("The time range of this video is [00:00-00:02], and the "
+                                                     "following is a series of 4 frames sampled at 2.0 FPS.\n")
+    assert data.video_head(4, 2.0).endswith("sampled at 2 FPS.\n")
 
 
 # ---- conversations and packing

@@ -47,6 +47,44 @@ def test_parity_with_authors_logits():
     assert pos[0, 0].tolist() == case["t_index"].tolist()
 
 
+def inference_config(hf, template="neo1_0"):
+    """The fixture's config.json (the training kit's format) rewritten in the inference kit's
+    (VLMEvalKit/vlmeval/vlm/neo/to_hf/configuration_neo_chat.py): template, top-level downsample_ratio, LoRA
+    switches, the vision config's 1-tuples, and no image token ids."""
+    out = {k: v for k, v in hf.items() if k not in ("img_start_token_id", "img_context_token_id")}
+    out.update(template=template, downsample_ratio=0.5, use_backbone_lora=0, use_llm_lora=0)
+    out["vision_config"] = {**hf["vision_config"], "downsample_ratio": [0.5],
+                            "llm_hidden_size": [hf["vision_config"]["llm_hidden_size"]]}
+    return out
+
+
+def test_inference_config_format(tmp_path, capsys):
+    """A folder in the inference kit's config format loads, image ids from its tokenizer, and reproduces the
+    authors' logits; when config and tokenizer disagree, one line says so and the tokenizer wins (as their
+    chat() does); with neither, a clear error."""
+    from test_sample import write_tokenizer_json  # the fixture's tokenizer: <img> 256, </img> 257, <IMG_CONTEXT> 258
+    with open(os.path.join(FIXTURE, "config.json")) as f:
+        hf = json.load(f)
+    d = tmp_path / "m"
+    os.makedirs(d)
+    os.symlink(os.path.join(FIXTURE, "model.safetensors"), d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(inference_config(hf)))
+    with pytest.raises(ValueError, match="no img_start_token_id"):
+        NEO.from_pretrained(str(d))
+    write_tokenizer_json(d)
+    model = NEO.from_pretrained(str(d)).eval()
+    assert (model.cfg.img_start_id, model.cfg.img_end_id, model.cfg.img_context_id) == (256, 257, 258)
+    assert model.cfg.downsample == 2 and capsys.readouterr().err == ""
+    case = torch.load(os.path.join(FIXTURE, "case.pt"), weights_only=True)
+    with torch.no_grad():
+        logits, _ = model(case["input_ids"][None], case["images"])
+    assert (logits[0] - case["logits"]).abs().max().item() <= 1e-4
+    (d / "config.json").write_text(json.dumps({**hf, "img_context_token_id": 299}))
+    assert NEO.from_pretrained(str(d)).cfg.img_context_id == 258
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "disagree" in err and "299" in err
+
+
 # ---- Native-RoPE indices and the mask, written out by hand (DESIGN §2, §4)
 
 
@@ -191,6 +229,42 @@ def test_generation_never_emits_vocab_padding():
     for t in (0.0, 1.0, 1e-45):
         out = model.generate(ids, max_new_tokens=6, temperature=t, seed=0, vocab_limit=545)
         assert out.shape == (1, 6) and (out < 545).all(), (t, out)
+
+
+def test_top_p_and_repetition_penalty_by_hand():
+    """Hugging Face semantics, worked by hand. Repetition penalty 2 on ids 0 and 2 of logits [2, 1.5, -1, 0.5]:
+    [1, 1.5, -2, 0.5], so greedy picks id 1, not 0. top_p on probabilities [0.5, 0.3, 0.15, 0.05]: 0.7 keeps
+    {0.5, 0.3} (0.5 alone < 0.7), i.e. id 0 with 0.5 / 0.8 = 0.625; 0.4 keeps id 0 alone; a tiny top_p still one."""
+    from neo import sample_next
+    logits = torch.tensor([[2.0, 1.5, -1.0, 0.5]])
+    assert sample_next(logits).item() == 0
+    assert sample_next(logits, repetition_penalty=2.0, prev_ids=torch.tensor([[0, 2, 2]])).item() == 1
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    ids = sample_next(p, 1.0, top_p=0.7, generator=gen)
+    assert set(ids.tolist()) == {0, 1} and abs((ids == 0).float().mean().item() - 0.625) < 0.03
+    assert (sample_next(p, 1.0, top_p=0.4, generator=gen) == 0).all()
+    assert (sample_next(p, 1.0, top_p=1e-9, generator=gen) == 0).all()
+    assert set(sample_next(p, 1.0, top_p=1.0, generator=gen).tolist()) == {0, 1, 2, 3}
+
+
+def test_generate_penalises_prompt_and_answer_ids():
+    """The repetition penalty counts the prompt's ids and each new one. Logits fixed at 3 for id 7 and 2 for id
+    8, penalty 2, prompt [1, 7, 3]: 7 -> 1.5 so 8 comes first; then 8 -> 1, and 7 (1.5) wins from then on."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg()).eval()
+    forward = model.forward
+
+    def fixed(*a, **k):
+        logits, loss = forward(*a, **k)
+        out = torch.zeros_like(logits)
+        out[..., 7], out[..., 8] = 3.0, 2.0
+        return out, loss
+    model.forward = fixed
+    ids = torch.tensor([[1, 7, 3]])
+    assert model.generate(ids, max_new_tokens=4).tolist() == [[7, 7, 7, 7]]
+    assert model.generate(ids, max_new_tokens=4, repetition_penalty=2.0).tolist() == [[8, 7, 7, 7]]
+    assert model.generate(ids, max_new_tokens=4, repetition_penalty=2.0, use_cache=False).tolist() == [[8, 7, 7, 7]]
 
 
 # ---- checkpoints

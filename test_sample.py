@@ -38,19 +38,23 @@ def ok(p):
     return p
 
 
-def write_tokenizer_json(path):
+def write_tokenizer_json(path, extra=()):
     """A tiny byte-level BPE in the released (Hugging Face) tokenizer.json format: 256 byte tokens in GPT-2's
-    unicode alphabet, a few merges, and the added tokens at the ids of the fixture's config.json."""
+    unicode alphabet, a few merges, and the added tokens at the ids of the fixture's config.json. extra: more
+    added tokens, (content, special) each, from id 267."""
     b2u = data.bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     added = {"<img>": 256, "</img>": 257, "<IMG_CONTEXT>": 258, "<|endoftext|>": 259, "<|im_start|>": 260,
              "<|im_end|>": 261}
+    special = {c: True for c in added}
+    for i, (c, sp) in enumerate(extra):
+        added[c], special[c] = 267 + i, sp
     for i, tok in enumerate(["th", "the", b2u[ord(" ")] + "the", "in", "ing"]):
         vocab[tok] = 262 + i
     vocab.update(added)
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
         json.dump({"model": {"type": "BPE", "vocab": vocab, "merges": []},
-                   "added_tokens": [{"id": i, "content": c, "special": True} for c, i in added.items()]}, f)
+                   "added_tokens": [{"id": i, "content": c, "special": special[c]} for c, i in added.items()]}, f)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,18 @@ def w(tmp_path_factory):
     for i, f in enumerate(frames):
         f.paste((200, 30, 30), (8 + 16 * i, 20, 28 + 16 * i, 40))  # a square moving right
     frames[0].save(d / "clip.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    ticks = [Image.new("RGB", (96, 64), (20 * i, 90, 160)) for i in range(8)]  # 8 frames of 250 ms: 2 s
+    ticks[0].save(d / "tick.gif", save_all=True, append_images=ticks[1:], duration=250, loop=0)
+    # released folders in the inference kit's config format, config and tokenizer only (no weights: --dry_run),
+    # with Qwen3's context so that NEO 1.0's 1,300-token frames fit
+    from test_neo import inference_config
+    with open(os.path.join(RELEASED, "config.json")) as f:
+        hf = json.load(f)
+    hf["llm_config"]["max_position_embeddings"] = 40960
+    for name, template in (("neo1_cfg", "neo1_0"), ("next_cfg", "neo1_5"), ("untold_cfg", None)):
+        os.makedirs(d / name)
+        (d / name / "config.json").write_text(json.dumps(inference_config(hf, template)))
+        write_tokenizer_json(d / name)
     return d
 
 
@@ -86,23 +102,28 @@ def test_image_from_our_folder(w):
     """--image on our save_pretrained folder prints an answer, in the toy's ShapesWorld prompt format."""
     p = ok(run("--init_from", "ours", "--image", "photo.jpg", "--max_new_tokens=8", cwd=w))
     assert p.stdout.endswith("\n") and len(p.stdout) > 1
-    assert "template shapes" in p.stderr
+    assert "preset shapes" in p.stderr
 
 
 def test_two_images_from_ckpt(w):
     """Our ckpt.pt (its tokenizer field), two images, both flag spellings, sampling with top-k."""
     p = ok(run("--init_from=ckpt.pt", "--image=photo.jpg", "--image", "second.png", "--temperature=0.8",
                "--top_k=5", "--seed=3", "--max_new_tokens=8", cwd=w))
-    n = len(data.build_prompt(data.get_tokenizer("bytes"), sample.build_messages(
-        "Describe the images.", 2, None, "shapes", ""), [torch.zeros(3, 64, 128), torch.zeros(3, 64, 96)])["input_ids"])
+    msgs = sample.build_messages("Describe the images.", 2, None, None, "shapes", "")
+    imgs = [torch.zeros(3, 64, 128), torch.zeros(3, 64, 96)]
+    n = len(data.build_prompt(data.get_tokenizer("bytes"), msgs, imgs)["input_ids"])
     assert f"prompt {n} tokens" in p.stderr  # photo 131x77 -> 128x64 px: 2x4 tokens; second 2x3
 
 
 def test_released_layout_with_tokenizer_folder(w):
-    """The authors' checkpoint layout, tokenizer.json from the folder, the authors' chat template."""
+    """The authors' checkpoint layout, tokenizer.json from the folder, NEO 1.0's preset (the folder names no
+    template); NEO-ov's sampling (top_p, top_k, repetition penalty) runs too."""
     p = ok(run("--init_from", "released", "--image", "photo.jpg", "--max_pixels=65536", "--max_new_tokens=8",
                "--image", "second.png", cwd=w))
-    assert "template neo" in p.stderr
+    assert "preset neo1: system ''" in p.stderr and "greedy" in p.stderr
+    p = ok(run("--init_from", "released", "--image", "photo.jpg", "--max_pixels=65536", "--max_new_tokens=8",
+               "--preset", "neo-ov", cwd=w))
+    assert "preset neo-ov: system 'Reason step by step.'" in p.stderr and "top_p 0.95, top_k 20" in p.stderr
 
 
 def test_gif_video(w):
@@ -119,16 +140,98 @@ def test_show_attention_png_has_image_size(w):
 
 
 def test_neo_prompt_layout():
-    """The authors' chat template, image spans expanded, NEO-ov numbering for several images."""
+    """The authors' chat template, image spans expanded; NEO 1.0 numbers several images, NEO-ov does not."""
     enc = data.get_tokenizer("bytes")
     img = torch.zeros(3, 64, 96)  # 2x3 tokens
     span = "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
-    one = data.build_prompt(enc, sample.build_messages("Q?", 1, None, "neo", "S"), [img])
+    one = data.build_prompt(enc, sample.build_messages("Q?", 1, None, None, "neo1", "S"), [img])
     assert enc.decode(one["input_ids"]) == (f"<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n{span}\nQ?"
                                             f"<|im_end|>\n<|im_start|>assistant\n")
-    two = sample.build_messages("Q?", 2, None, "neo", "")
+    two = sample.build_messages("Q?", 2, None, None, "neo1", "")
     assert two == [("user", "Image-1: <image>\nImage-2: <image>\nQ?")]
-    assert sample.build_messages("Q?", 2, None, "shapes", "") == [("user", "<image><image>Q?")]
+    assert sample.build_messages("Q?", 2, None, None, "neo-ov", "") == [("user", "<image>\n<image>\nQ?")]
+    assert sample.build_messages("Q?", 2, None, None, "shapes", "") == [("user", "<image><image>Q?")]
+
+
+def span(n):
+    return "<img>" + "<IMG_CONTEXT>" * n + "</img>"
+
+
+def chat(user, system=""):
+    """to_hf/conversation.py's neo1_0 template (MPT style): no system turn when the system message is empty."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# Visual tokens per image, worked by hand from the authors' smart_resize (min branch: beta = sqrt(min / (h*w)),
+# sides ceil(side * beta / 32)). photo.jpg is 131x77, second.png and every video frame 96x64.
+#   1280..4096 or 16384 tokens (neo1; neo-ov images): photo beta = sqrt(1310720 / 10087) = 11.399: 77 -> 27.4 -> 28,
+#     131 -> 46.7 -> 47: 1316 tokens; 96x64: beta = sqrt(1310720 / 6144) = 14.606: 64 -> 29.2 -> 30,
+#     96 -> 43.8 -> 44: 1320 tokens
+#   720*960 both (neo-ov-si): photo beta = 8.278: 77 -> 19.9 -> 20, 131 -> 33.9 -> 34: 680; 96x64 beta = 10.607:
+#     64 -> 21.2 -> 22, 96 -> 31.8 -> 32: 704 (both past the max, as there)
+#   neo-ov frames 4..225 tokens: 96x64 rounds to itself, 2x3 = 6; the toy (ours: 4096..65536 px, frames to
+#     16384): photo 64x128 = 8, second 6, frames 6
+# tick.gif, 8 frames of 250 ms, --num_frames=4. The authors' frames: int(i * 8 / 5) = 1, 3, 4, 6, at 0.25, 0.75,
+# 1.00, 1.50 s; 4 frames in 2 s: "2.0 FPS". The toy's: segment middles int((i + 0.5) * 2) = 1, 3, 5, 7.
+TIMES = "The time range of this video is [00:00-00:02], and the following is a series of 4 frames sampled at {} FPS.\n"
+NEO1 = {"one": chat(span(1316) + "\nQ?"),
+        "two": chat("Image-1: " + span(1316) + "\nImage-2: " + span(1320) + "\nQ?"),
+        "video": chat("".join(f"Frame-{i}: {span(1320)}\n" for i in (1, 2, 3, 4)) + "Q?")}
+OV = {"one": chat(span(1316) + "\nQ?", "Reason step by step."),
+      "two": chat(span(1316) + "\n" + span(1320) + "\nQ?", "Reason step by step."),
+      "video": chat(TIMES.format("2.0") + "".join(f"[{t}]:{span(6)}\n" for t in ("00:00.25", "00:00.75", "00:01.00",
+                                                                                   "00:01.50")) + "Q?",
+                    "Reason step by step.")}
+SI = {"one": chat(span(680) + "\nQ?"),
+      "two": chat("Image-1: " + span(680) + "\nImage-2: " + span(704) + "\nQ?"),
+      "video": chat(TIMES.format("2.0") + f"Frame1 is at [00:00.25]:{span(704)}\nFrame2 is at [00:00.75]:{span(704)}\n"
+                    f"Frame3 is at [00:01.00]:{span(704)}\nFrame4 is at [00:01.50]:{span(704)}\nQ?")}
+SHAPES = {"one": chat(span(8) + "Q?"), "two": chat(span(8) + span(6) + "Q?"),
+          "video": chat(TIMES.format("2") + "".join(f"[{t}]:{span(6)}\n" for t in ("00:00.25", "00:00.75", "00:01.25",
+                                                                                      "00:01.75")) + "Q?")}
+
+
+@pytest.mark.parametrize("preset,folder,expected", [("neo1", "neo1_cfg", NEO1), ("neo-ov", "neo1_cfg", OV),
+                                                     ("neo-ov-si", "neo1_cfg", SI), ("shapes", "ours", SHAPES)])
+def test_dry_run_prints_the_authors_prompt(w, capsys, preset, folder, expected):
+    """--dry_run prints exactly the text the authors' code builds (written out above from their template,
+    reorganize_prompt, video datasets and smart_resize) for one image, two images and a video, and nothing
+    else on stdout, from a folder without weights."""
+    inputs = {"one": ["--image", str(w / "photo.jpg")],
+              "two": ["--image", str(w / "photo.jpg"), "--image", str(w / "second.png")],
+              "video": ["--video", str(w / "tick.gif"), "--num_frames=4"]}
+    for case, args in inputs.items():
+        sample.main(["--init_from", str(w / folder), "--preset", preset, "--prompt", "Q?", "--dry_run", *args])
+        out = capsys.readouterr()
+        assert out.out == expected[case], (preset, case)
+        assert out.err.startswith(f"preset {preset}: ") and len(out.err.splitlines()) == 1
+
+
+def test_preset_follows_the_folder_and_flags_override(w, capsys):
+    """--preset auto: the config's template (neo1_0 -> neo1, NEO1_5's -> neo-ov; none -> neo1); our folders keep
+    the toy's. Each flag overrides its setting; the stderr line says what is in force."""
+    for folder, preset in (("neo1_cfg", "neo1"), ("next_cfg", "neo-ov"), ("untold_cfg", "neo1"), ("ours", "shapes")):
+        sample.main(["--init_from", str(w / folder), "--image", str(w / "second.png"), "--dry_run"])
+        assert capsys.readouterr().err.startswith(f"preset {preset}: ")
+    sample.main(["--init_from", str(w / "next_cfg"), "--image", str(w / "second.png"), "--dry_run", "--system", "",
+                 "--min_pixels=6144", "--max_pixels=65536", "--temperature=0", "--repetition_penalty=1",
+                 "--max_new_tokens=7"])
+    out = capsys.readouterr()
+    assert out.out == chat(span(6) + "\nDescribe this image in detail.")
+    assert out.err.strip() == ("preset neo-ov: system ''; images 6144-65536 px (6-64 tokens), video frames "
+                               "6144-65536 px (6-64 tokens); greedy, repetition_penalty 1.0, max_new_tokens 7 "
+                               "(flags override each)")
+
+
+def test_answer_drops_special_tokens(tmp_path):
+    """Decoded as skip_special_tokens=True: tokens the tokenizer marks special print nothing, other added
+    tokens print their text; the authors' presets stop at <|im_end|> alone and strip the answer."""
+    write_tokenizer_json(tmp_path, extra=[("<box>", True), ("<think>", False)])
+    enc = data.get_tokenizer(str(tmp_path))
+    toks = enc.encode(" a") + [267, 268] + enc.encode("b ") + [259] + enc.encode("c\n") + [261, ord("x")]
+    assert "".join(sample.text_pieces(toks, enc)) == " a<think>b "          # the toy's: stops at <|endoftext|>
+    assert "".join(sample.stripped(sample.text_pieces(toks, enc, {261}))) == "a<think>b c"
 
 
 def test_text_pieces_waits_for_whole_characters():
