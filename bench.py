@@ -4,9 +4,9 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py                    # all three parts (~10 min on a 2-core CPU)
     python bench.py --only=train       # toy training tok/s per dtype x compile, and what --dtype=auto picks
     python bench.py --only=decode      # toy decode tok/s: cached vs not, quiet and beside a busy process
-    python bench.py --only=neo2b       # a NEO-2B-shaped bf16 folder with random weights: save, load (time,
-                                       # peak RSS), prefill of one 1152x1152 photo, decode (needs ~12 GB RAM
-                                       # and 6 GB free disk in --tmp)
+    python bench.py --only=neo2b       # a NEO-2B-shaped bf16 folder with random weights in the released layout:
+                                       # save, load (time, peak RSS), prefill of one 1152x1152 photo, decode,
+                                       # and sample.py on it (needs ~12 GB RAM and 6 GB free disk in --tmp)
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
@@ -123,7 +123,9 @@ def decode_part(repeats):
 
 
 SAVE = r"""
-import sys, time, torch
+import json, os, sys, time, torch
+from safetensors.torch import save_file
+import checkpoint, data
 from neo import NEO, NEOConfig
 cfg = NEOConfig.preset("neo-2b")
 with torch.device("meta"):
@@ -135,28 +137,52 @@ with torch.no_grad():
     for n, p in model.named_parameters():   # random weights of a trained model's scale, fast
         p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
 t0 = time.perf_counter()
-model.save_pretrained(sys.argv[1])
+# the released layout: two safetensors shards and their index, the inference kit's config format (no image ids),
+# and a tokenizer.json whose added tokens sit at NEO's ids (a byte-level vocabulary: the answers are noise)
+out, sd = sys.argv[1], checkpoint.hf_state_dict(model)
+names = list(sd)
+half = len(names) // 2
+weight_map = {}
+for i, part in enumerate((names[:half], names[half:])):
+    fn = f"model-{i + 1:05d}-of-00002.safetensors"
+    save_file({k: sd[k] for k in part}, os.path.join(out, fn), metadata={"format": "pt"})
+    weight_map.update({k: fn for k in part})
+json.dump({"weight_map": weight_map}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
+hf = checkpoint.to_hf_config(cfg)
+for k in ("img_start_token_id", "img_end_token_id", "img_context_token_id", "nano_neo"):
+    hf.pop(k, None)
+hf.update(template="neo1_0", downsample_ratio=0.5, use_backbone_lora=0, use_llm_lora=0)
+json.dump(hf, open(os.path.join(out, "config.json"), "w"))
+b2u = data.bytes_to_unicode()
+added = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<IMG_CONTEXT>": 151669,
+         "<img>": 151670, "</img>": 151671}
+vocab = {b2u[b]: b for b in range(256)}   # then every id up to the added ones: three-byte tokens, none missing
+vocab.update({b2u[i >> 16] + b2u[(i >> 8) & 255] + b2u[i & 255]: i for i in range(256, min(added.values()))})
+json.dump({"model": {"type": "BPE", "vocab": {**vocab, **added}, "merges": []},
+           "added_tokens": [{"id": i, "content": c, "special": True} for c, i in added.items()]},
+          open(os.path.join(out, "tokenizer.json"), "w"))
 print(f"saved {time.perf_counter() - t0:.1f} s")
 """
 
 LOAD = r"""
-import os, resource, sys, time, torch
+import glob, os, resource, sys, time, torch
 from neo import NEO, KVCache
-import data
 path = sys.argv[1]
+files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 t0 = time.perf_counter()
-with open(os.path.join(path, "model.safetensors"), "rb") as f:   # the time to read the file, as loading must
-    while f.read(1 << 26):
-        pass
+for fn in files:   # the time to read the files, as loading must
+    with open(fn, "rb") as f:
+        while f.read(1 << 26):
+            pass
 t_read = time.perf_counter() - t0
 t0 = time.perf_counter()
 model = NEO.from_pretrained(path).eval()
 t_load = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - base
-size = os.path.getsize(os.path.join(path, "model.safetensors")) / 2**30
-print(f"file {size:.2f} GiB read in {t_read:.1f} s; load {t_load:.1f} s ({t_load / t_read:.1f}x the read), "
-      f"peak RSS above import {peak:.2f} GiB ({peak / size:.2f}x the file), dtype {next(model.parameters()).dtype}")
+size = sum(os.path.getsize(fn) for fn in files) / 2**30
+print(f"files {size:.2f} GiB read in {t_read:.1f} s; load {t_load:.1f} s ({t_load / t_read:.1f}x the read), "
+      f"peak RSS above import {peak:.2f} GiB ({peak / size:.2f}x the files), dtype {next(model.parameters()).dtype}")
 cfg = model.cfg
 n_vis = (1152 // 32) ** 2
 ids = torch.tensor([[1] * 12 + [cfg.img_start_id] + [cfg.img_context_id] * n_vis + [cfg.img_end_id] + [2] * 8])
@@ -177,14 +203,26 @@ print(f"prefill {ids.shape[1]} tokens (one 1152x1152 photo): {t_pre:.1f} s, {t_p
       f"decode {1 / t_dec:.2f} tok/s ({L / t_dec:.0f} tok/s x layers)")
 """
 
+SAMPLE = r"""
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.run([sys.executable, "sample.py", f"--init_from={sys.argv[1]}", "--image=assets/attention.png",
+                    "--max_new_tokens=8"], capture_output=True, text=True)
+assert p.returncode == 0, p.stderr[-2000:]
+print(f"sample.py --init_from=<that folder> --image=assets/attention.png --max_new_tokens=8: "
+      f"{time.perf_counter() - t0:.1f} s, peak RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB")
+print("  " + "\n  ".join(l for l in p.stderr.splitlines() if l.strip()))
+"""
+
 
 def neo2b_part(tmp):
-    print("\n## a NEO-2B-shaped model (2.6B parameters, bf16, random weights)")
+    print("\n## a NEO-2B-shaped model (2.6B parameters, bf16, random weights) in the released layout")
     folder = tempfile.mkdtemp(prefix="neo2b_", dir=tmp)
     try:
         print(python(["-c", SAVE, folder]).strip().splitlines()[-1])
         for line in python(["-c", LOAD, folder]).strip().splitlines()[-2:]:
             print(line)
+        print(python(["-c", SAMPLE, folder]).rstrip())  # the whole command a user types, on that folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
