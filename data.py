@@ -199,6 +199,12 @@ class DataError(ValueError):
         self.reason = reason
 
 
+def one_line(e):
+    """An exception as one short line (train.py's and sample.py's error messages)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
+
+
 def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
     """Qwen2-VL's resize: both sides multiples of `factor`, h*w in [min_pixels, max_pixels], aspect kept."""
     if not factor * factor <= min_pixels <= max_pixels <= MAX_PIXELS:

@@ -63,14 +63,11 @@ PRESETS = {
 DECODING = ("system", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")  # flag = preset key
 
 
+why = data.one_line  # an exception as one short line, in every error message below
+
+
 class SampleError(Exception):
     """Bad input: the message is printed as one line on stderr and the exit code is 1."""
-
-
-def why(e):
-    """An exception as one short line."""
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
 def check_out_png(path, flag):

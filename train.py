@@ -55,7 +55,7 @@ class TrainConfig:
     image_root: str = ""          # folder the JSONL's image paths are relative to
     tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'shapes' (toy)
     num_workers: int = 0          # loader worker processes
-    # model shape and the ablation switches of issue 6; -1 = the preset's value
+    # model shape and the ablation switches (ABLATIONS); -1 = the preset's value
     d_model: int = -1
     n_layer: int = -1
     n_pre_layers: int = -1
@@ -106,7 +106,7 @@ class TrainConfig:
     eval_every_stage: bool = True # False: evaluate only after the last stage (the ablation's setting)
     resume: bool = False          # continue from out_dir/ckpt.pt (same config)
     bench: bool = False           # measure tokens/s and FLOP/s on the toy, then exit
-    ablate: bool = False          # the design-choice ablation of issue 6 (see ABLATIONS), then exit
+    ablate: bool = False          # the design-choice ablation (see ABLATIONS), then exit
     kill_at: int = 0              # tests: stop dead right after this step, as a crash would (0 = never)
 
 
@@ -659,13 +659,8 @@ def atomic_save(obj, path):
             os.remove(tmp)
         if isinstance(e, RuntimeError) and "write" not in str(e):  # torch.save reports a failed write this way
             raise
-        raise TrainError(f"cannot write {path} ({one_line(e)}); {path} still holds the previous checkpoint, if "
+        raise TrainError(f"cannot write {path} ({data.one_line(e)}); {path} still holds the previous checkpoint, if "
                          f"any: free some disk space (or pick another --out_dir) and --resume=True") from None
-
-
-def one_line(e):
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
 def read_checkpoint(path):
@@ -677,7 +672,7 @@ def read_checkpoint(path):
         ck = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "optimizer", "stage", "step", "history", "train_config"} - set(ck)
     except Exception as e:  # truncated zip, pickle, wrong file: torch.load raises many kinds
-        raise TrainError(f"{path} cannot be read ({one_line(e)}): it is truncated or not a train.py checkpoint; "
+        raise TrainError(f"{path} cannot be read ({data.one_line(e)}): it is truncated or not a train.py checkpoint; "
                          f"start again without --resume=True") from None
     if missing:
         raise TrainError(f"{path} is not a train.py training checkpoint (it lacks {', '.join(sorted(missing))}); "
@@ -1247,7 +1242,7 @@ def cli():
         for bar in list(getattr(tqdm, "_instances", [])):  # end an open progress bar's line first
             bar.close()
         # a loader worker's error arrives with its traceback in the text: its last line is the message
-        msg = one_line(e) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
+        msg = data.one_line(e) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
         print(f"train.py: {msg}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
