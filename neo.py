@@ -580,12 +580,10 @@ class NEO(nn.Module):
                 seq = torch.cat((seq, nxt[:, None]), dim=1)
                 logits, _ = self(seq, images, last_only=True)
 
-    def generate(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None,
-                 seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0):
-        """-> (B, n_new) new token ids (stops early once every row has produced eos_id)."""
+    def generate(self, input_ids, images=None, **kw):
+        """-> (B, n_new) new token ids (stops early once every row has produced eos_id); kw: generate_stream's."""
         toks = [torch.as_tensor(t, device=input_ids.device).reshape(-1) for t in
-                self.generate_stream(input_ids, images, max_new_tokens, temperature, top_k, eos_id, seed, use_cache,
-                                     vocab_limit, top_p, repetition_penalty)]
+                self.generate_stream(input_ids, images, **kw)]
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
     # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
