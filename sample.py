@@ -15,7 +15,7 @@ checkpoint (out/ckpt.pt). --preset sets the prompt, the pixel budgets and the de
   neo1       NEO 1.0 as the authors evaluate it: no system turn, several images as "Image-1: <image>\n...", greedy
   neo-ov     NEO-ov images and video: "Reason step by step.", unnumbered images, timestamped frames, sampling
   neo-ov-si  NEO-ov's spatial setting: no system turn, 720x960 px per image, "Frame1 is at [00:00.50]:<image>"
-  shapes     our toy's training format (data.ShapesWorld): no system turn, "<image>{question}", greedy
+  shapes     our toy's training format (shapes.ShapesWorld): no system turn, "<image>{question}", greedy
 Default: shapes for our checkpoints; for a released folder its config's template (neo-ov for NEO1_5, else neo1).
 The chat template is `<|im_start|>system\n{system}<|im_end|>\n` (left out when the system text is empty), then
 `<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n`, each <image> becoming `<img>` +
@@ -56,7 +56,7 @@ PRESETS = {
     # vlm/neo_si/utils.py (reorganize_prompt: numbered images, "Frame{i} is at [MM:SS.ss]:<image>" lines)
     "neo-ov-si": dict(system="", image_pixels=(720 * 960, 720 * 960), frame_pixels=(720 * 960, 720 * 960),
                       temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=4096),
-    # our toy (data.ShapesWorld): the config's budget per image, a quarter of it per video frame
+    # our toy (shapes.ShapesWorld): the config's budget per image, a quarter of it per video frame
     "shapes": dict(system="", image_pixels=None, frame_pixels=None,
                    temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=256),
 }

@@ -1,6 +1,6 @@
 """
-Tests for data.py: tokenizers, images, video, packing, ShapesWorld, JSONL datasets, the loader. CPU only, no
-network, a few seconds in all.
+Tests for data.py and shapes.py: tokenizers, images, video, packing, ShapesWorld, JSONL datasets, the loader.
+CPU only, no network, a few seconds in all.
 
     python -m pytest -q test_data.py
 """
@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 from data import IGNORE_INDEX, DataError
 from neo import NEOConfig
 
@@ -53,7 +54,7 @@ def test_shapes_tokenizer():
     q = "What color is the circle?"
     assert len(enc.encode(q)) == 6 and len(data.get_tokenizer("bytes").encode(q)) == len(q)
     assert enc.n_vocab <= NEOConfig.preset("toy").vocab_size
-    sample = data.ShapesWorld("midtrain", enc=enc)[0]  # every id a ShapesWorld sample uses is a real token
+    sample = shapes.ShapesWorld("midtrain", enc=enc)[0]  # every id a ShapesWorld sample uses is a real token
     assert max(sample["input_ids"]) < enc.n_vocab
 
 
@@ -311,7 +312,7 @@ def test_chat_labels_only_on_assistant():
 
 def test_packing():
     """Spans stay whole, targets are the labels shifted exactly once, weights 1/sqrt(n), doc ids restart."""
-    w = data.ShapesWorld("midtrain")
+    w = shapes.ShapesWorld("midtrain")
     samples = [w[i] for i in range(40)]
     rows, left = data.pack(samples, 3, 400)
     batch = data.collate(rows, 400, pad_id=256)
@@ -353,7 +354,7 @@ def test_packing():
 def blobs(img):
     """Connected blobs of non-background pixels (4-neighbour flood fill), each as (ys, xs) arrays."""
     a = np.asarray(img)
-    fg = (a != np.array(data.BACKGROUND)).any(-1)
+    fg = (a != np.array(shapes.BACKGROUND)).any(-1)
     seen, out = np.zeros_like(fg), []
     for y0, x0 in zip(*np.nonzero(fg)):
         if seen[y0, x0]:
@@ -377,34 +378,34 @@ def components(img):
 
 def centroid(img):
     a = np.asarray(img)
-    ys, xs = np.nonzero((a != np.array(data.BACKGROUND)).any(-1))
+    ys, xs = np.nonzero((a != np.array(shapes.BACKGROUND)).any(-1))
     return xs.mean(), ys.mean()
 
 
 def test_shapes_background_and_outline():
     """The background normalises to ~0 (a flat light one was a large constant input to the patch conv), and every
     shape is outlined in INK around its fill colour, whatever the colour (one contour per shape on the grey)."""
-    blank = data.to_tensor(data.draw(64, 64, []), 64 * 64, 64 * 64)
+    blank = data.to_tensor(shapes.draw(64, 64, []), 64 * 64, 64 * 64)
     assert blank.abs().max() < 0.05, blank.abs().max()
-    for shape in data.SHAPES:
-        for color in data.COLORS:
-            img = np.asarray(data.draw(64, 64, [dict(shape=shape, color=color, size="big", x=32, y=32)]))
-            assert tuple(img[36, 32]) == data.COLORS[color], (shape, color)  # inside (below centre: triangle)
+    for shape in shapes.SHAPES:
+        for color in shapes.COLORS:
+            img = np.asarray(shapes.draw(64, 64, [dict(shape=shape, color=color, size="big", x=32, y=32)]))
+            assert tuple(img[36, 32]) == shapes.COLORS[color], (shape, color)  # inside (below centre: triangle)
             row = img[44]                                         # a row through the lower part of every shape
-            edge = np.nonzero((row != np.array(data.BACKGROUND)).any(-1))[0][0]  # its first non-background pixel
-            assert tuple(row[edge]) == data.INK, (shape, color, tuple(row[edge]))
+            edge = np.nonzero((row != np.array(shapes.BACKGROUND)).any(-1))[0][0]  # its first non-background pixel
+            assert tuple(row[edge]) == shapes.INK, (shape, color, tuple(row[edge]))
 
 
 def test_shapes_answers_match_pixels():
     """Counts equal the blobs drawn, colours are present, directions equal the motion, appearance frames
     are the first non-empty ones, multi-image counts compare the blobs."""
-    w = data.ShapesWorld(split="val")
+    w = shapes.ShapesWorld(split="val")
     for i in range(30):
         ex = w.example(i, "count")
         assert components(ex["images"][0]) == int(ex["turns"][0][1])
         ex = w.example(i, "color")
         rgb = np.asarray(ex["images"][0]).reshape(-1, 3)
-        assert (rgb == data.COLORS[ex["turns"][0][1]]).all(-1).sum() > 50
+        assert (rgb == shapes.COLORS[ex["turns"][0][1]]).all(-1).sum() > 50
         ex = w.example(i, "video_dir")
         (x0, y0), (x1, y1) = centroid(ex["images"][0]), centroid(ex["images"][-1])
         dx, dy = x1 - x0, y1 - y0
@@ -439,7 +440,7 @@ def shapes_found(img):
 def test_spatial_two_matches_pixels(family, n_answers):
     """The training-only two-object relations: exactly two blobs, and the answer agrees with where the named
     shapes are drawn, both forms (spatial_two) or the yes/no form alone (spatial_yn_two), balanced."""
-    w, answers = data.ShapesWorld(), Counter()
+    w, answers = shapes.ShapesWorld(), Counter()
     for i in range(400):
         ex = w.example(i, family)
         (q, a), = ex["turns"]
@@ -463,7 +464,7 @@ def test_spatial_two_matches_pixels(family, n_answers):
 
 def test_caption_rows_match_pixels():
     """The training-only top-to-bottom caption names every blob drawn, in the order of their rows."""
-    w, lengths = data.ShapesWorld(), Counter()
+    w, lengths = shapes.ShapesWorld(), Counter()
     for i in range(200):
         ex = w.example(i, "caption_rows")
         (q, a), = ex["turns"]
@@ -477,14 +478,14 @@ def test_caption_rows_match_pixels():
 
 def template(q):
     """A question with its object names blanked: the text a blind model sees, up to the names."""
-    return re.sub(r"\b(" + "|".join(list(data.COLORS) + list(data.SHAPES)) + r")\b", "X", q.split("\n")[-1])
+    return re.sub(r"\b(" + "|".join(list(shapes.COLORS) + list(shapes.SHAPES)) + r")\b", "X", q.split("\n")[-1])
 
 
 def test_answer_balance():
     """Within every question template each answer is about equally likely, and in 'which of the two named'
     questions the first-named one is the answer half the time: a blind model scores at chance."""
-    w = data.ShapesWorld()
-    for fam, (answers, chance) in data.FAMILIES.items():
+    w = shapes.ShapesWorld()
+    for fam, (answers, chance) in shapes.FAMILIES.items():
         if answers is None:
             continue
         by_q, first = {}, []
@@ -508,27 +509,27 @@ def test_stage_mixtures_and_eval():
     """llm is text only, pretrain mostly captions, midtrain every family and conversations; held-out prompts end in the
     assistant header and score() gives per-family exact match."""
     enc = data.get_tokenizer("bytes")
-    fams = {s: Counter(data.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in data.MIXES}
+    fams = {s: Counter(shapes.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in shapes.MIXES}
     assert set(fams["llm"]) == {"text"}
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4
-    assert set(fams["midtrain"]) == set(data.FAMILIES) | {"multi_turn", "spatial_two"}
+    assert set(fams["midtrain"]) == set(shapes.FAMILIES) | {"multi_turn", "spatial_two"}
     assert "multi_turn" in fams["sft"]
     assert set(fams["spatial"]) == {"spatial_yn_two"}
     # --spatial_curriculum: its weights are added to a stage's mixture (or replace one, as sft's spatial)
-    cur = {s: Counter(data.ShapesWorld(s, extra=data.SPATIAL_CURRICULUM[s]).example(i)["family"] for i in range(600))
+    cur = {s: Counter(shapes.ShapesWorld(s, extra=shapes.SPATIAL_CURRICULUM[s]).example(i)["family"] for i in range(600))
            for s in ("pretrain", "sft")}
     assert set(cur["pretrain"]) == {"caption", "caption_rows", "text"}
     assert 0.15 < cur["pretrain"]["caption_rows"] / 600 < 0.3
     assert cur["sft"]["spatial"] / 600 > 2 * fams["sft"]["spatial"] / 300 and "spatial_yn_two" in cur["sft"]
-    val = data.ShapesWorld(split="val", enc=enc)
+    val = shapes.ShapesWorld(split="val", enc=enc)
     prompts = val.eval_prompts(3)
-    assert len(prompts) == 3 * len(data.FAMILIES)
+    assert len(prompts) == 3 * len(shapes.FAMILIES)
     tail = [257] + enc.encode("assistant\n")
     assert all(p["input_ids"][-len(tail):] == tail for p in prompts)
-    again = data.ShapesWorld(split="val", enc=enc, seed=123).eval_prompts(3)  # the held-out split ignores the seed
+    again = shapes.ShapesWorld(split="val", enc=enc, seed=123).eval_prompts(3)  # the held-out split ignores the seed
     assert [p["input_ids"] for p in again] == [p["input_ids"] for p in prompts]
-    acc = data.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
-    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(data.FAMILIES)
+    acc = shapes.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
+    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(shapes.FAMILIES)
 
 
 # ---- JSONL datasets
@@ -595,7 +596,7 @@ def same(a, b):
 def test_loader_determinism_resume_and_sharding():
     """Same seed, same batches (with or without workers); resume from state_dict continues exactly; rank r of
     2 gets global batches r, r+2, ... (disjoint, and together one process's stream)."""
-    w = data.ShapesWorld("midtrain")
+    w = shapes.ShapesWorld("midtrain")
     mk = lambda **kw: data.PackedLoader(w, batch_size=2, max_seq_len=256, seed=7, **kw)
     ref = batches(mk(), 6)
     assert all(same(a, b) for a, b in zip(ref, batches(mk(), 6)))
@@ -616,7 +617,7 @@ def test_loader_determinism_resume_and_sharding():
 
 def test_too_long_skipped_with_warning():
     """Samples longer than max_seq_len are skipped, counted, and reported with the count."""
-    w = data.ShapesWorld("midtrain")
+    w = shapes.ShapesWorld("midtrain")
     loader = data.PackedLoader(w, batch_size=1, max_seq_len=60, seed=0)
     with pytest.warns(UserWarning, match=r"skipped \d+ samples longer than max_seq_len=60"):
         b = batches(loader, 3)

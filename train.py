@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import shapes
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 # -----------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class TrainConfig:
     vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = toy 0.1 in pretrain, 0 after;
     #                               full scale 1 (why: see vision_lr_scale())
     spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
-    #                               stage, more relation questions in sft; data.SPATIAL_CURRICULUM says why).
+    #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why).
     #                               The long command turns it on; at the default budget it cost captions.
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -536,9 +537,9 @@ def resolve_tokenizer(cfg, init):
 def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
     """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
     if cfg.data == "shapes":
-        source = data.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
-                                  max_pixels=mcfg.max_pixels, seed=seed,
-                                  extra=data.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
+        source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
+                                    max_pixels=mcfg.max_pixels, seed=seed,
+                                    extra=shapes.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
     else:
         source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
                                    max_pixels=mcfg.max_pixels, stage=stage)
@@ -560,8 +561,8 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
     model.eval()
     ids = data.special_ids(enc)
     special = set(ids.values())
-    prompts = data.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
-                               max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
+    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
+                                 max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
     gen = torch.Generator().manual_seed(0)
     groups = {}
     for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
@@ -586,7 +587,7 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
             bar.update(len(chunk))
     bar.close()
     model.train()
-    return data.score(preds)
+    return shapes.score(preds)
 
 
 def evaluate_or_warn(*args, **kw):
@@ -1114,7 +1115,7 @@ def ablate(cfg, argv):
                          accuracy=last["blind_accuracy"], minutes=0)
     if blind:
         rows.append(blind)
-    fams = [f for f in data.FAMILIES if f in rows[0]["accuracy"]]
+    fams = [f for f in shapes.FAMILIES if f in rows[0]["accuracy"]]
     vis = [f for f in fams if f != "text"]
     for r in rows:
         r["mean_visual"] = sum(r["accuracy"][f] for f in vis) / len(vis)
