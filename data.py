@@ -430,14 +430,17 @@ def build_prompt(enc, messages, images=()):
     return {"input_ids": ids, "images": s["images"]}
 
 
-def pack(samples, batch_size, max_seq_len):
+def pack(samples, batch_size, max_seq_len, patience=None):
     """First-fit of whole samples into batch_size rows: -> (rows, leftover). A sample is never split, so
-    neither is any image span."""
+    neither is any image span. samples may be endless (the loader's): then packing stops once `patience`
+    samples have found no room, and no further sample is drawn."""
     rows, free, left = [[] for _ in range(batch_size)], [max_seq_len] * batch_size, []
     for s in samples:
         b = next((b for b in range(batch_size) if free[b] >= len(s["input_ids"])), None)
         if b is None:
             left.append(s)
+            if len(left) == patience:
+                break
         else:
             rows[b].append(s)
             free[b] -= len(s["input_ids"])
@@ -650,7 +653,7 @@ class PackedLoader:
                  patience=4):
         self.source, self.batch_size, self.max_seq_len = source, batch_size, max_seq_len
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
-        self.patience = patience  # stop filling a batch after this many samples in a row found no room
+        self.patience = patience  # stop filling a batch once this many samples found no room (pack)
         self.pad_id = special_ids(source.enc)["eot"]
         self.too_long_reason = f"longer than max_seq_len={max_seq_len}"
         self.step, self.skips, self.examples = 0, {}, {}
@@ -682,25 +685,24 @@ class PackedLoader:
 
     def make_batch(self, k):
         """Global batch k -> (batch, {reason: [count, first example]} of the samples skipped for it)."""
-        rng = random.Random(f"batch/{self.seed}/{k}")
-        rows, free = [[] for _ in range(self.batch_size)], [self.max_seq_len] * self.batch_size
-        misses, skips = 0, {}
-        while misses < self.patience:
-            i = rng.randrange(len(self.source))
-            s = self.source[i]
-            why = self.skip_why(i, s)
-            if why:
+        rng, skips = random.Random(f"batch/{self.seed}/{k}"), {}
+
+        def usable():  # endless random draws, the unusable ones counted in skips and left out
+            n = 0
+            while True:
+                i = rng.randrange(len(self.source))
+                s = self.source[i]
+                why = self.skip_why(i, s)
+                if not why:
+                    n += 1
+                    yield s
+                    continue
                 skips.setdefault(why[0], [0, why[1]])[0] += 1
-                if sum(n for n, _ in skips.values()) > 1000 and not any(rows):
+                if sum(c for c, _ in skips.values()) > 1000 and n == 0:
                     raise DataError("no usable sample in 1000 draws: " + "; ".join(
-                        f"{n} {r} (first: {ex[:200]})" for r, (n, ex) in skips.items()), "no usable sample")
-                continue
-            b = next((b for b in range(self.batch_size) if free[b] >= len(s["input_ids"])), None)
-            if b is None:
-                misses += 1
-                continue
-            rows[b].append(s)
-            free[b] -= len(s["input_ids"])
+                        f"{c} {r} (first: {ex[:200]})" for r, (c, ex) in skips.items()), "no usable sample")
+
+        rows, _ = pack(usable(), self.batch_size, self.max_seq_len, self.patience)
         return collate(rows, self.max_seq_len, self.pad_id), skips
 
     def __iter__(self):
