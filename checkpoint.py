@@ -3,6 +3,8 @@ Checkpoints in the authors' layout (DESIGN.md §7): the name map between our par
 or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the model is built on the meta
 device (no random init) and each tensor is read, cast and assigned on its own, so loading needs about the
 weights' size in memory. neo.py's NEO.from_pretrained and save_pretrained call in here; nothing here is model math.
+The last section is train.py's own: the resumable ckpt.pt (atomic writes, one run per out_dir, RNG state) and the
+stage folders.
 
     model = NEO.from_pretrained("/path/NEO1_0-2B-SFT")                 # a released NEO folder, in its bf16
     model = NEO.from_pretrained("/path/NEO1_0-2B-SFT", dtype=torch.float32)  # float32 weights, as for training
@@ -11,15 +13,19 @@ weights' size in memory. neo.py's NEO.from_pretrained and save_pretrained call i
 """
 import json
 import os
+import random
 import re
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import data
 from neo import HW_NAMES, NEO, PRESETS, NEOConfig
 
 
@@ -134,7 +140,6 @@ def image_ids(hf, path):
     keys = {"img_start_id": "<img>", "img_context_id": "<IMG_CONTEXT>", "img_end_id": "</img>"}
     ids = {k: hf[f"{k[:-3]}_token_id"] for k in keys if f"{k[:-3]}_token_id" in hf}
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
-        import data  # only here: checkpoint.py otherwise needs no tokenizer
         added = data.read_vocab(path)[1]
         tok = {k: added[s][0] for k, s in keys.items() if s in added}
         if any(ids.get(k, v) != v for k, v in tok.items()):
@@ -287,3 +292,129 @@ def assign_strict(model, header, read, names, path, dtype=None):
             m.to_empty(device="cpu", recurse=False).to(dtype)
         model.init_weights(fresh)
     return model
+
+
+# -----------------------------------------------------------------------------
+# Training checkpoints (train.py): out_dir/ckpt.pt holds everything needed to resume exactly, written atomically
+# by one run per out_dir; each finished stage is also saved as a folder in the authors' layout.
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be written, read or locked, for a reason the user can act on (a full disk,
+    a truncated file, an out_dir in use): train.py prints the message as one line and exits with code 1."""
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt. (One
+    writer per out_dir: out_dir_lock.) A full disk is a CheckpointError, and leaves the last ckpt.pt as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError) and "write" not in str(e):  # torch.save reports a failed write this way
+            raise
+        raise CheckpointError(f"cannot write {path} ({data.one_line(e)}); {path} still holds the previous "
+                              f"checkpoint, if any: free some disk space (or pick another --out_dir) and "
+                              f"--resume=True") from None
+
+
+def read_checkpoint(path):
+    """out_dir/ckpt.pt for --resume=True; a truncated or foreign file is an error saying so."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "stage", "step", "history", "train_config"} - set(ck)
+    except Exception as e:  # truncated zip, pickle, wrong file: torch.load raises many kinds
+        raise CheckpointError(f"{path} cannot be read ({data.one_line(e)}): it is truncated or not a train.py "
+                              f"checkpoint; start again without --resume=True") from None
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py training checkpoint (it lacks "
+                              f"{', '.join(sorted(missing))}); start again without --resume=True")
+    return ck
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """One run per out_dir: an exclusive flock on out_dir/lock, which holds the owner's pid. The kernel drops
+    the lock when its process ends, however it ends (a crash, kill -9), so a pid left in the file by a dead run
+    is a stale lock: taken over with a note. Where flock is missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = os.path.join(out_dir, "lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise CheckpointError(f"{out_dir} is in use by another train.py (pid {owner}, {path}): wait for it "
+                                  f"to end, stop it (kill {owner}), or pass another --out_dir") from None
+        f.seek(0)
+        if old := f.read().strip():
+            print(f"{path}: pid {old} ended without releasing it (a crash or a kill); taking it over", flush=True)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # empty: the last run ended cleanly; closing the file releases the lock
+
+
+def full_state(model, opt, fsdp):
+    """Model and optimizer state as plain full tensors (gathered from all ranks under FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), opt.state_dict()
+
+
+def load_full_state(model, opt, msd, osd, fsdp):
+    """The inverse of full_state: full tensors back into the (sharded under FSDP) model and optimizer."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(msd)
+        opt.load_state_dict(osd)
+
+
+def rng_state():
+    """Every generator a step draws from (torch, CUDA, numpy, Python), as tensors and lists: weights_only loads it."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s):
+    """The inverse of rng_state."""
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def save_stage_folder(model, tok_name, path, qwen3=False):
+    """A finished stage as a folder the next stage, sample.py and the authors' code load: save_pretrained plus
+    the tokenizer (its files copied, or the name of a built-in one in tokenizer.txt)."""
+    model.save_pretrained(path, layout="qwen3" if qwen3 else "neo")
+    if not os.path.isdir(tok_name):  # a named tokenizer ("shapes"): record the name; folders are copied
+        with open(os.path.join(path, "tokenizer.txt"), "w") as f:
+            f.write(tok_name + "\n")
+    else:
+        import shutil
+        for fn in os.listdir(tok_name):
+            if fn.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+                shutil.copy(os.path.join(tok_name, fn), path)

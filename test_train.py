@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import train
 from neo import NEO, set_trainable
 from test_neo import TINY_MODEL, tiny_cfg  # the tests' model size, one place
@@ -47,7 +48,7 @@ def neo_folder(tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     path = str(tmp_path_factory.mktemp("init") / "neo")
-    train.save_stage_folder(NEO(cfg), "bytes", path)
+    checkpoint.save_stage_folder(NEO(cfg), "bytes", path)
     return path
 
 

@@ -26,7 +26,7 @@ import random
 import re
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
 
 import numpy as np
@@ -34,9 +34,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import data
 import shapes
 from neo import NEO, NEOConfig, PRESETS, set_trainable
+
 
 # -----------------------------------------------------------------------------
 # Config: every key, with the toy's defaults. `python train.py --key=value` overrides any of them.
@@ -114,29 +116,6 @@ class TrainConfig:
 # Full-scale presets change these defaults (only the keys not given on the command line).
 FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpointing=True, eval_interval=1000,
                   log_interval=1, blind=False, eval_samples=0)
-
-# Per-stage recipe. `paper`: DESIGN.md §6 (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps;
-# mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead.
-# The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
-# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves. The toy gives
-# pretrain about a quarter of its time: its frozen-LLM caption steps are the cheapest way to teach per-object
-# features (measured at 8 rows a step: caption 60% after 300 pretrain steps, 5% after 60 at 16 rows).
-# The toy's steps were doubled (llm 200 -> 400, pretrain 300 -> 600, midtrain 720 -> 1440, sft 60 -> 120) once the
-# patch embedding was frozen after pretrain: at the old counts colour needs 150-300 colour-only steps' worth of
-# midtrain, depending on the pretrain checkpoint, and captions ~400, more than 720 mixed steps hold (two runs:
-# colour 76 and 72, caption 68 and 85); doubled, caption 93 / 89 / 91, colour 99 / 100 / 76 (EXPERIMENTS.md).
-# The llm stage was raised from 80 steps for robustness: at 80 its held-out text was 92% with seed 1337 but 59%
-# with seed 7, and that seed's run then failed shape (36%) and size (31%); at 200, 97% and 80%.
-STAGES = {
-    #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
-    "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
-    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600)),
-    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440)),
-    "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 120)),
-    "spatial":  dict(paper=None,                          toy=(2e-3, 0.1, 20, 150)),  # --spatial_curriculum
-}
-ORDER = ["llm", "pretrain", "midtrain", "spatial", "sft"]
-PAPER_ORDER = [s for s in ORDER if STAGES[s]["paper"]]  # full scale: llm and spatial are the toy's own
 
 
 class ConfigError(ValueError):
@@ -287,9 +266,50 @@ def check_config(cfg):
                               (" (a folder, or 'shapes' or 'bytes')" if key == "tokenizer" else ""))
 
 
+def model_overrides(cfg):
+    """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
+    out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
+                                        "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
+    return {**out, "rope": cfg.rope, "mask": cfg.mask}
+
+
+# -----------------------------------------------------------------------------
+# Recipe: each stage's learning rate, schedule and steps, and what trains at which rate
+
+
+# Per-stage recipe. `paper`: DESIGN.md §6 (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps;
+# mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead;
+# `toy_curriculum`: the toy's with --spatial_curriculum=True, where it differs.
+# The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
+# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves. The toy gives
+# pretrain about a quarter of its time: its frozen-LLM caption steps are the cheapest way to teach per-object
+# features (measured at 8 rows a step: caption 60% after 300 pretrain steps, 5% after 60 at 16 rows).
+# The toy's steps were doubled (llm 200 -> 400, pretrain 300 -> 600, midtrain 720 -> 1440, sft 60 -> 120) once the
+# patch embedding was frozen after pretrain: at the old counts colour needs 150-300 colour-only steps' worth of
+# midtrain, depending on the pretrain checkpoint, and captions ~400, more than 720 mixed steps hold (two runs:
+# colour 76 and 72, caption 68 and 85); doubled, caption 93 / 89 / 91, colour 99 / 100 / 76 (EXPERIMENTS.md).
+# The llm stage was raised from 80 steps for robustness: at 80 its held-out text was 92% with seed 1337 but 59%
+# with seed 7, and that seed's run then failed shape (36%) and size (31%); at 200, 97% and 80%.
+STAGES = {
+    #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
+    "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
+    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600)),
+    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440)),
+    "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 120),
+                     # --spatial_curriculum: sft brings back what the spatial stage's questions pushed out
+                     # (long command, 480 steps: caption 90 -> 97, colour 78 -> 91, multi_change 53 -> 77 over 3e-4)
+                     toy_curriculum=(1e-3, 0.1, 5, 120)),
+    "spatial":  dict(paper=None,                          toy=(2e-3, 0.1, 20, 150)),  # --spatial_curriculum
+}
+ORDER = ["llm", "pretrain", "midtrain", "spatial", "sft"]
+PAPER_ORDER = [s for s in ORDER if STAGES[s]["paper"]]  # full scale: llm and spatial are the toy's own
+
+
 def stage_recipe(cfg, stage):
     """(lr, min_lr_ratio, warmup, iters) of a stage: the recipe, with the command line's overrides."""
     rec = STAGES[stage]["toy" if cfg.model == "toy" else "paper"]
+    if cfg.model == "toy" and cfg.spatial_curriculum:
+        rec = STAGES[stage].get("toy_curriculum", rec)
     if rec is None and stage == "llm":
         raise ConfigError("the llm stage is the toy's stand-in for a pretrained Qwen3: use --model=toy, "
                           "or start from one with --stage=pretrain --init_from=/path/Qwen3")
@@ -297,8 +317,6 @@ def stage_recipe(cfg, stage):
         raise ConfigError(f"the {stage} stage is a toy-only curriculum step: use --model=toy, or one of "
                           f"{', '.join(PAPER_ORDER)} at full scale")
     lr, ratio, warm, iters = rec
-    if stage == "sft" and cfg.spatial_curriculum:  # sft brings back what the spatial stage's questions pushed out:
-        lr = 1e-3  # long command, 480 steps: caption 90 -> 97, colour 78 -> 91, multi_change 53 -> 77 over 3e-4
     iters = cfg.max_iters or max(1, round(iters * cfg.iters_scale))
     return (cfg.learning_rate or lr, ratio if cfg.min_lr_ratio < 0 else cfg.min_lr_ratio,
             min(warm, iters // 5) if cfg.warmup_iters < 0 else cfg.warmup_iters, iters)
@@ -347,443 +365,244 @@ def get_lr(step, lr, ratio, warmup, iters):
     return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def model_overrides(cfg):
-    """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
-    out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
-                                        "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
-    return {**out, "rope": cfg.rope, "mask": cfg.mask}
-
-
 # -----------------------------------------------------------------------------
-# Setup: processes, device, precision
+# One stage: setup, the loop, finish
 
 
-def setup_distributed(cfg):
-    """nanoGPT-style: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one process."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl")
-        else:  # CPU: gloo (the tests run two CPU processes this way)
-            device = "cpu"
-            dist.init_process_group("gloo")
+@dataclass
+class Stage:
+    """What a stage's setup hands to its loop and its finish."""
+    name: str
+    init: str                # the folder it started from ('' = scratch)
+    tok: str                 # the tokenizer's name or folder, saved with the weights
+    enc: object
+    model: torch.nn.Module   # what the loop calls: DDP-wrapped under torchrun
+    raw_model: NEO           # the model itself (sharded under FSDP): optimizer, checkpoints, evaluation
+    opt: torch.optim.Optimizer
+    loader: data.PackedLoader
+    batches: object          # iter(loader)
+    ctx: object              # autocast, or nothing in float32
+    train_ctx: object        # ctx, or nothing under FSDP (its policy casts)
+    schedule: tuple          # (lr, min_lr_ratio, warmup, iters): get_lr's arguments
+    accum: int               # micro-steps per optimizer step on this rank
+    step: int                # optimizer steps done
+    on_disk: int             # the step ckpt.pt already holds (-1: none of this stage)
+    flops_per_token: float
+    t0: float = 0.0          # when the loop started
+    bar: object = None       # the loop's progress bar
+
+
+def run_stage(cfg, stage, init, env, state):
+    """Train one stage from `init`; returns the folder its final weights are in."""
+    st = setup_stage(cfg, stage, init, env, state)
+    train_loop(cfg, st, env, state)
+    return finish_stage(cfg, st, env, state)
+
+
+def setup_stage(cfg, stage, init, env, state):
+    """The model (from `init`, or from the checkpoint being resumed), its optimizer, wrappers and data."""
+    ddp, rank, local_rank, world, device = env
+    device_type = "cuda" if "cuda" in device else "cpu"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    lr, ratio, warmup, iters = stage_recipe(cfg, stage)
+    resume = state.pop("resume_ckpt", None)
+    tok = resolve_tokenizer(cfg, init) if resume is None else resume["tokenizer"]
+    enc = data.get_tokenizer(tok)
+    if resume is not None:
+        model = NEO(NEOConfig(**resume["model_config"]))
+        model.load_state_dict(resume["model"])
     else:
-        rank, local_rank, world = 0, 0, 1
-        device = cfg.device if cfg.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    return ddp, rank, local_rank, world, device
+        model = load_stage_model(cfg, stage, init)
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    set_trainable(model, stage)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"[{stage}] {model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; from "
+           f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
+           f"warm-up {warmup}, {iters} steps")
+    raw_model, train_ctx = model, ctx
+    if cfg.fsdp:
+        shard(raw_model, ptdtype)
+        train_ctx = nullcontext()  # (evaluation, on the gathered copy, still autocasts with ctx)
+    # after fully_shard, so that under FSDP the optimizer holds the sharded DTensors
+    opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),
+                               vision_lr_scale(cfg, stage))
+    if resume is not None:
+        checkpoint.load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
+    if cfg.compile:
+        compile_layers(raw_model)
+    if ddp and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # find_unused_parameters: a micro-batch without images leaves the patch embedding without a grad
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                    find_unused_parameters=True)
+
+    # data: each rank reads its own shard; grad_accum counts micro-steps over all ranks
+    if cfg.grad_accum % world:
+        raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
+                          f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
+    # each stage its own data seed, by its place in STAGES (spatial is last there, so the default's stages draw
+    # the same samples as before the spatial stage existed)
+    loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + list(STAGES).index(stage))
+    step = 0
+    if resume is not None:
+        loader.load_state_dict(resume["data_state"])
+        checkpoint.set_rng_state(resume["rng"][rank] if isinstance(resume["rng"], list) else resume["rng"])
+        step = resume["step"]
+    return Stage(name=stage, init=init, tok=tok, enc=enc, model=model, raw_model=raw_model, opt=opt, loader=loader,
+                 batches=iter(loader), ctx=ctx, train_ctx=train_ctx, schedule=(lr, ratio, warmup, iters),
+                 accum=cfg.grad_accum // world, step=step, on_disk=resume["step"] if resume is not None else -1,
+                 flops_per_token=flops_per_token(raw_model, cfg.max_seq_len))
 
 
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
-
-
-def measure_cpu_peak(dtype, seconds=1.0):
-    """FLOP/s of a large matmul in `dtype` on this CPU: the ceiling MFU is measured against on a CPU."""
-    n = 1024
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t0, k = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        k += 1
-    return 2 * n ** 3 * k / (time.perf_counter() - t0)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
-    head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
-    cfg = model.cfg
-    n = model.num_params() - model.embed_tokens.weight.numel()
-    if cfg.tie_word_embeddings:
-        n += model.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
-    qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
-    return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
-
-
-def gpu_peak_flops(name):
-    """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
-    table = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40", 362e12),
-             ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-    return next((p for k, p in table if k in name), float("inf"))
-
-
-def resolve_dtype(cfg, device, measure=None):
-    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
-    No rule by CPU flag is right: bf16 autocast trained the toy 1.4-1.7x faster than float32 on a 2-core
-    AMD EPYC with AVX512-BF16 and on a Xeon with AMX, but ~1.4x slower on a Xeon without either (its bf16
-    GEMMs run at half the fp32 rate). `measure` (tests) replaces the measurement."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if "cuda" in device:
-        return "bfloat16"
-    if device != "cpu":  # mps: float32, the one dtype every op supports there
-        return "float32"
-    return (measure or choose_cpu_dtype)(cfg)
-
-
-def choose_cpu_dtype(cfg, seconds=1.0):
-    """Time the real work in each candidate dtype and return the faster: a few eager training steps of the
-    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead), the
-    candidates interleaved and each one's best round kept, so a burst of other work on the machine does not
-    decide. Eager, not compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on
-    every CPU measured (EXPERIMENTS.md). Prints one line with both figures and the choice."""
-    t0 = time.perf_counter()
-    cands = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if cfg.model == "toy":
-        enc = data.get_tokenizer("shapes")
-        sp = data.special_ids(enc)
-        mcfg = NEOConfig.preset(cfg.model, **model_overrides(cfg), img_start_id=sp["img_start"],
-                                img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-        probe = TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0})
-        b = to_device(next(iter(make_loader(probe, "midtrain", enc, mcfg, 0, 1, 0))), "cpu")
-        model = NEO(mcfg)
-        set_trainable(model, "midtrain")
-        opt = configure_optimizers(model, 0.0, 1e-6, (0.9, 0.95))
-        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
-
-        def work(dt):
-            with (nullcontext() if dt == torch.float32 else torch.autocast("cpu", dtype=dt)):
-                _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        d = NEOConfig.preset(cfg.model).d_model
-        x = {dt: torch.randn(512, d, dtype=dt) for dt in cands.values()}
-        w = {dt: torch.randn(d, d, dtype=dt) for dt in cands.values()}
-        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
-
-        def work(dt):
-            x[dt] @ w[dt]
-    best = {}
-    for name, dt in cands.items():  # warm-up: first-call costs (kernel selection, allocations) off the clock
-        work(dt)
-    for _ in range(3):
-        for name, dt in cands.items():
-            t1, k = time.perf_counter(), 0
-            while k == 0 or time.perf_counter() - t1 < seconds / 6:
-                work(dt)
-                k += 1
-            best[name] = max(best.get(name, 0.0), k * amount / (time.perf_counter() - t1))
-    choice = max(best, key=best.get)
-    print0(f"dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
-           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
-    return choice
-
-
-class CoreShare:
-    """Threads = the cores other processes leave free, re-checked by update() (Linux; elsewhere it does nothing).
-    Why: torch's OpenMP threads spin while they wait for each other. Beside one busy process, two threads on two
-    cores trained at 2,201 tok/s and decoded at 89, against 3,591 and 202 for one thread: the spinning waiter burns
-    the time slice the working thread needs. Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid that but cost 6-8%
-    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU").
-    Compiled layers recompile once per thread count they meet (Dynamo guards on it), then switch freely."""
-
-    def __init__(self, max_threads):
-        self.max, self.threads, self.others, self.last = max_threads, max_threads, 0.0, self.sample()
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-    @staticmethod
-    def sample():
-        """(wall s, CPU s used by every process, CPU s used by this one), or None where that cannot be read."""
-        try:
-            with open("/proc/stat") as f:
-                lines = f.read().splitlines()
-            if sum(l.startswith("cpu") for l in lines) - 1 != len(os.sched_getaffinity(0)):
-                return None  # we may run on only some of the machine's cores: their load is not readable here
-            v = [int(x) for x in lines[0].split()[1:9]]
-        except (OSError, AttributeError, ValueError):
-            return None
-        t = os.times()
-        busy = sum(v) - v[3] - v[4]  # all but idle and iowait
-        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
-
-    def update(self):
-        """Set torch's thread count to the free cores seen since the last call; -> the new count if it changed."""
-        now, last = self.sample(), self.last
-        if now is None or last is None or now[0] - last[0] < 1.0:
-            return None
-        self.last = now
-        self.others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # busy elsewhere
-        n = max(1, min(self.max, int(self.cores - self.others + 0.5)))
-        if n == self.threads:
-            return None
-        self.threads = n
-        torch.set_num_threads(n)
-        return n
-
-
-# -----------------------------------------------------------------------------
-# Data: the only place train.py touches data.py
-
-
-def resolve_tokenizer(cfg, init):
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for d in (init, os.path.dirname(init) if init else ""):  # our stage folders carry tokenizer.txt
-        if d and os.path.isfile(os.path.join(d, "tokenizer.txt")):
-            return open(os.path.join(d, "tokenizer.txt")).read().strip()
-        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
-            return d
-    return "shapes"
-
-
-def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
-    """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
-    if cfg.data == "shapes":
-        source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
-                                    max_pixels=mcfg.max_pixels, seed=seed,
-                                    extra=shapes.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
-    else:
-        source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
-                                   max_pixels=mcfg.max_pixels, stage=stage)
-    return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, rank=rank,
-                             world_size=world, seed=seed, num_workers=cfg.num_workers)
-
-
-def to_device(batch, device):
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
-    return out
-
-
-@torch.no_grad()
-def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
-    """Held-out exact match per task family: greedy generation with the KV cache, prompts of equal token
-    length generated together. blind=True replaces every image with noise: the accuracy a model that
-    cannot see gets (it should sit at each family's chance level)."""
-    model.eval()
-    ids = data.special_ids(enc)
-    special = set(ids.values())
-    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
-                                 max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
-    gen = torch.Generator().manual_seed(0)
-    groups = {}
-    for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
-        groups.setdefault(len(p["input_ids"]), []).append(p)
-    preds = []
-    bar = tqdm(total=len(prompts), desc="eval" + (" (blind)" if blind else ""), leave=False,
-               disable=int(os.environ.get("RANK", 0)) != 0)
-    for L, group in groups.items():
-        for i in range(0, len(group), cfg.eval_batch):
-            chunk = group[i:i + cfg.eval_batch]
-            x = torch.tensor([p["input_ids"] for p in chunk], device=device)
-            imgs = [im for p in chunk for im in p["images"]]
-            if blind:
-                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
-            imgs = [im.to(device) for im in imgs]
-            n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
-            with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
-                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
-            for p, row in zip(chunk, out.tolist()):
-                row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
-                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
-            bar.update(len(chunk))
-    bar.close()
+def train_loop(cfg, st, env, state):
+    """The optimizer steps of one stage, from st.step to the recipe's last."""
+    ddp, rank, _, world, device = env
+    model, raw_model, opt, iters = st.model, st.raw_model, st.opt, st.schedule[3]
     model.train()
-    return shapes.score(preds)
+    st.bar = tqdm(total=iters, initial=st.step, desc=st.name, disable=rank != 0, dynamic_ncols=True)
+    t_log, tok_log, st.t0 = time.perf_counter(), 0, time.perf_counter()
+    while st.step < iters:
+        # a checkpoint due at this step is written below, once this step's loss has shown its weights are finite:
+        # saved right after an update instead, it could hold weights that give NaN at the next step
+        due = st.step % cfg.eval_interval == 0 and st.step not in (0, st.on_disk)
+        before = (st.loader.state_dict(), checkpoint.rng_state()) if due else None
+        lr = get_lr(st.step, *st.schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        loss_sum, n_tok = torch.zeros((), device=device), 0
+        for micro in range(st.accum):
+            batch = to_device(next(st.batches), device)
+            n_tok += int((batch["doc_ids"] >= 0).sum())
+            # sync gradients only on the last micro-step (set before forward: DDP reads it there)
+            if ddp and not cfg.fsdp:
+                model.require_backward_grad_sync = micro == st.accum - 1
+            if cfg.fsdp:
+                raw_model.set_requires_gradient_sync(micro == st.accum - 1)
+            with st.train_ctx:
+                _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
+                                batch["loss_weights"])
+            # each micro-batch loss is a mean, so divide to make the sum over micro-steps their mean
+            (loss / st.accum).backward()
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            norm = norm.full_tensor()
+        stats = torch.stack((loss_sum / st.accum, norm.float().to(device)))
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world
+        loss_f, norm_f = stats.tolist()  # one CPU-GPU sync per step: the NaN guard must see every step
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            stop(cfg, st, state, f"loss {loss_f}, grad norm {norm_f}: not finite, so training stopped before this "
+                                 f"update")
+        if due:
+            save_checkpoint(cfg, st, env, state, *before)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        st.step += 1
+        state["history"].append((st.name, state["step0"] + st.step, loss_f))
+        tok_log += n_tok * world
+        st.bar.update(1)
+        if st.step % cfg.log_interval == 0 or st.step == iters:
+            log_step(st, state, loss_f, norm_f, lr, tok_log / (time.perf_counter() - t_log), env)
+            t_log, tok_log = time.perf_counter(), 0
+        crash_if_asked(cfg, state["step0"] + st.step, st.bar)  # --kill_at (the resume tests): stop dead here
 
 
-def evaluate_or_warn(*args, **kw):
-    """evaluate(), but a failure costs the accuracy, not the run: its traceback is shown and training goes on."""
-    try:
-        return evaluate(*args, **kw)
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
-               "goes on", file=sys.stderr)
-        return {}
+def finish_stage(cfg, st, env, state):
+    """Vouch for the last update and checkpoint it, report skipped samples and divergence, save the stage's
+    weights in the authors' layout and evaluate them; -> that folder."""
+    ddp, rank, _, _, device = env
+    # the last update has no next step to vouch for it: one forward on the next batch does, before it is saved
+    before = (st.loader.state_dict(), checkpoint.rng_state())
+    b = to_device(next(st.batches), device)
+    with torch.no_grad(), st.train_ctx, torch.compiler.set_stance("force_eager"):
+        _, loss = st.raw_model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+    loss = loss.detach().float()
+    if ddp:
+        dist.all_reduce(loss)
+    if not math.isfinite(loss.item()):
+        stop(cfg, st, state, f"the last update gives loss {loss.item()}: not finite, so it was not saved")
+    save_checkpoint(cfg, st, env, state, *before)
+    st.bar.close()
+    state.pop("resumed_at", None)
+    stage, loader = st.name, st.loader
+    if loader.skipped:  # why, per reason, with the first offenders: enough to find and fix them in the data
+        print0(f"[{stage}] skipped {loader.skipped} samples:\n" + "\n".join("  " + l for l in loader.report()))
+    if d := diverged([h[2] for h in state["history"] if h[0] == stage]):
+        print0(f"[{stage}] warning: the loss ended at {d[1]:.4g}, far above where it started ({d[0]:.4g}): the "
+               f"run diverged; lower --learning_rate", file=sys.stderr)
+    state["step0"] += st.schedule[3]
+
+    folder, raw_model = os.path.join(cfg.out_dir, stage), st.raw_model
+    if cfg.fsdp:
+        msd, _ = checkpoint.full_state(raw_model, st.opt, True)
+        if rank == 0:
+            raw_model = NEO(raw_model.cfg)
+            raw_model.load_state_dict(msd)
+    if rank == 0:
+        checkpoint.save_stage_folder(raw_model, st.tok, folder, qwen3=stage == "llm")
+        print0(f"[{stage}] saved {folder}/ ({time.perf_counter() - st.t0:.0f} s)")
+        last = stage == state["last_stage"]
+        if cfg.data == "shapes" and cfg.eval_samples > 0 and (cfg.eval_every_stage or last):
+            raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
+            evaluate_stage(cfg, stage, raw_model, st.enc, device, st.ctx, state, blind=cfg.blind and last)
+    if ddp:
+        dist.barrier()
+    return folder
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: atomic, everything needed to resume exactly
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
-def compile_layers(model):
-    """--compile=True compiles each transformer layer in place, not the whole model: the positions and the mask
-    depend on where the images sit in each pack (a graph break and a recompile per batch: NEO-2B compiled whole
-    had not finished warming up after 260 s on an H200), while every layer sees the same shapes and code.
-    Evaluation (KV-cache decoding, a new length each token) runs them eagerly (torch.compiler.set_stance)."""
-    for block in [*model.pre_buffer, *model.post_llm]:
-        block.compile()
-
-
-def compile_works(device):
-    """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
-    a machine without one trains eagerly after a one-line note instead of failing at the first step.
-    Measured on a 2-core AMX CPU in bf16: the toy run 1.4x faster end to end, 1.7x in --bench (README)."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
-        return True
-    except Exception as e:  # no compiler, an unsupported platform or Python: all mean "eager"
-        first_line = str(e).partition("\n")[0][:120]
-        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {first_line}); "
-               f"training eagerly (pass --compile=False to skip this check)")
-        return False
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a crash mid-write never leaves a broken ckpt.pt. (One
-    writer per out_dir: out_dir_lock.) A full disk is a TrainError, and leaves the last ckpt.pt as it was."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError) and "write" not in str(e):  # torch.save reports a failed write this way
-            raise
-        raise TrainError(f"cannot write {path} ({data.one_line(e)}); {path} still holds the previous checkpoint, if "
-                         f"any: free some disk space (or pick another --out_dir) and --resume=True") from None
-
-
-def read_checkpoint(path):
-    """out_dir/ckpt.pt for --resume=True; a missing, truncated or foreign file is an error saying so."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume=True but {path} does not exist (no checkpoint written yet): run without "
-                          f"--resume=True, or pass the --out_dir that holds it")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "stage", "step", "history", "train_config"} - set(ck)
-    except Exception as e:  # truncated zip, pickle, wrong file: torch.load raises many kinds
-        raise TrainError(f"{path} cannot be read ({data.one_line(e)}): it is truncated or not a train.py checkpoint; "
-                         f"start again without --resume=True") from None
-    if missing:
-        raise TrainError(f"{path} is not a train.py training checkpoint (it lacks {', '.join(sorted(missing))}); "
-                         f"start again without --resume=True")
-    return ck
-
-
-@contextmanager
-def out_dir_lock(out_dir):
-    """One run per out_dir: an exclusive flock on out_dir/lock, which holds the owner's pid. The kernel drops
-    the lock when its process ends, however it ends (a crash, kill -9), so a pid left in the file by a dead run
-    is a stale lock: taken over with a note. Where flock is missing (Windows) runs are not locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path = os.path.join(out_dir, "lock")
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "?"
-            raise TrainError(f"{out_dir} is in use by another train.py (pid {owner}, {path}): wait for it to "
-                             f"end, stop it (kill {owner}), or pass another --out_dir") from None
-        f.seek(0)
-        if old := f.read().strip():
-            print0(f"{path}: pid {old} ended without releasing it (a crash or a kill); taking it over")
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)  # empty: the last run ended cleanly; closing the file releases the lock
-
-
-def full_state(model, opt, fsdp):
-    """Model and optimizer state as plain full tensors (gathered from all ranks under FSDP)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict(), opt.state_dict()
-
-
-def load_full_state(model, opt, msd, osd, fsdp):
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True))
+def save_checkpoint(cfg, st, env, state, data_state, rng):
+    """Save the state as it was at the top of this step: weights and optimizer not yet updated, and the loader
+    position and RNG state from before this step's batches were drawn (the caller kept them)."""
+    ddp, rank, _, world, _ = env
+    msd, osd = checkpoint.full_state(st.raw_model, st.opt, cfg.fsdp)
+    rngs = [None] * world
+    if ddp:  # every rank's RNG, so a resumed run continues each rank's stream
+        dist.all_gather_object(rngs, rng)
     else:
-        model.load_state_dict(msd)
-        opt.load_state_dict(osd)
+        rngs = [rng]
+    if rank == 0:
+        checkpoint.atomic_save({
+            "model": msd, "model_config": asdict(st.raw_model.cfg), "optimizer": osd, "stage": st.name,
+            "step": st.step, "rng": rngs, "data_state": data_state, "train_config": asdict(cfg), "tokenizer": st.tok,
+            "init": st.init or "", "history": state["history"]}, os.path.join(cfg.out_dir, "ckpt.pt"))
+    state["saved"] = (st.name, st.step)
 
 
-def save_stage_folder(model, tok_name, path, qwen3=False):
-    model.save_pretrained(path, layout="qwen3" if qwen3 else "neo")
-    if not os.path.isdir(tok_name):  # a named tokenizer ("shapes"): record the name; folders are copied
-        with open(os.path.join(path, "tokenizer.txt"), "w") as f:
-            f.write(tok_name + "\n")
-    else:
-        import shutil
-        for fn in os.listdir(tok_name):
-            if fn.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
-                shutil.copy(os.path.join(tok_name, fn), path)
+def stop(cfg, st, state, what):
+    """Not finite: nothing of this step is applied or saved; the message names the checkpoint to go back to."""
+    st.bar.close()
+    saved = state.get("saved")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    back = (f"{ckpt_path} holds {saved[0]} step {saved[1]}, the last state whose loss was finite: go back to "
+            f"it with --resume=True and a lower --learning_rate" if saved else
+            f"This run saved no checkpoint yet: run the same command with a lower --learning_rate")
+    raise TrainError(f"[{st.name}] step {st.step}: {what}. {back}")
 
 
-def draw_loss_curve(history, path):
-    """history [(stage, global_step, loss)] -> a PNG with one colour per stage (PIL only)."""
-    from PIL import Image, ImageDraw
-    if not history:
-        return
-    W, H, m = 900, 420, 50
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    xs, ys = [h[1] for h in history], [h[2] for h in history]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    lo, hi = min(ys), max(ys)
-    hi = max(hi, lo + 1e-3)
-    X = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-    Y = lambda y: H - m - (y - lo) / (hi - lo) * (H - 2 * m)
-    d.rectangle((m, m, W - m, H - m), outline="black")
-    for k in range(5):
-        y = lo + (hi - lo) * k / 4
-        d.text((4, Y(y) - 6), f"{y:.2f}", fill="black")
-    colours = {"llm": (90, 90, 90), "pretrain": (200, 60, 60), "midtrain": (50, 110, 200), "spatial": (150, 90, 180),
-               "sft": (40, 160, 80)}
-    for s in colours:
-        pts = [(X(x), Y(y)) for st, x, y in history if st == s]
-        if len(pts) > 1:
-            d.line(pts, fill=colours[s], width=2)
-        if pts:
-            d.text((pts[0][0] + 3, m + 4), s, fill=colours[s])
-    d.text((W // 2 - 60, H - m + 15), "step (all stages)", fill="black")
-    d.text((m, 15), "training loss (square-weighted CE)", fill="black")
-    im.save(path)
-
-
-# -----------------------------------------------------------------------------
-# One stage
-
-
-def diverged(losses, factor=2.0):
-    """-> (the first loss, the mean of the last fifth) if that mean is over factor x the first loss, else None."""
-    k = len(losses) // 5
-    if k == 0:
-        return None
-    end = sum(losses[-k:]) / k
-    return (losses[0], end) if end > factor * losses[0] else None
+def evaluate_stage(cfg, stage, model, enc, device, ctx, state, blind):
+    """Held-out exact match after a stage (blind: also with noise for images), printed and added to eval.json."""
+    t0 = time.perf_counter()
+    # what each stage taught: llm the text family, pretrain captions; then every family
+    families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
+    if state["cores"]:
+        state["cores"].update()
+    acc = evaluate_or_warn(model, enc, cfg, device, ctx, families=families)
+    entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
+             "eval_seconds": round(time.perf_counter() - t0, 1)}
+    if blind:
+        entry["blind_accuracy"] = evaluate_or_warn(model, enc, cfg, device, ctx, blind=True, families=families)
+    state["evals"].append(entry)
+    print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    if "blind_accuracy" in entry:
+        print0(f"[{stage}] blind (images = noise):  " +
+               ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump({**entry, "stages": state["evals"]}, f, indent=2)
 
 
 def load_stage_model(cfg, stage, init):
@@ -810,329 +629,13 @@ def load_stage_model(cfg, stage, init):
     return NEO.from_pretrained(init, dtype=torch.float32, **ov)  # float32 master weights; autocast does the rest
 
 
-def run_stage(cfg, stage, init, env, state):
-    """Train one stage from `init`; returns the folder its final weights are in."""
-    ddp, rank, local_rank, world, device = env
-    master = rank == 0
-    device_type = "cuda" if "cuda" in device else "cpu"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
-    lr, ratio, warmup, iters = stage_recipe(cfg, stage)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-
-    # ---- model, from the previous stage or a checkpoint being resumed
-    resume = state.pop("resume_ckpt", None)
-    tok = resolve_tokenizer(cfg, init) if resume is None else resume["tokenizer"]
-    enc = data.get_tokenizer(tok)
-    if resume is not None:
-        model = NEO(NEOConfig(**resume["model_config"]))
-        model.load_state_dict(resume["model"])
-    else:
-        model = load_stage_model(cfg, stage, init)
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
-    set_trainable(model, stage)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    model.to(device)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"[{stage}] {model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; from "
-           f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
-           f"warm-up {warmup}, {iters} steps")
-    raw_model, train_ctx = model, ctx
-    if cfg.fsdp:  # FSDP2: shard every layer, then the rest; mixed precision by the policy, not autocast
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
-        for blk in list(raw_model.pre_buffer) + list(raw_model.post_llm):
-            fully_shard(blk, mp_policy=mp)
-        fully_shard(raw_model, mp_policy=mp)
-        train_ctx = nullcontext()  # (evaluation, on the gathered copy, still autocasts with ctx)
-    # after fully_shard, so that under FSDP the optimizer holds the sharded DTensors
-    opt = configure_optimizers(raw_model, cfg.weight_decay, lr, (cfg.beta1, cfg.beta2),
-                               vision_lr_scale(cfg, stage))
-    if resume is not None:
-        load_full_state(raw_model, opt, resume["model"], resume["optimizer"], cfg.fsdp)
-    if cfg.compile:
-        compile_layers(raw_model)
-    if ddp and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # find_unused_parameters: a micro-batch without images leaves the patch embedding without a grad
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
-                    find_unused_parameters=True)
-
-    # ---- data: each rank reads its own shard; grad_accum counts micro-steps over all ranks
-    if cfg.grad_accum % world:
-        raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
-                          f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
-    accum = cfg.grad_accum // world
-    # each stage its own data seed, by its place in STAGES (spatial is last there, so the default's stages draw
-    # the same samples as before the spatial stage existed)
-    loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + list(STAGES).index(stage))
-    step = 0
-    if resume is not None:
-        loader.load_state_dict(resume["data_state"])
-        set_rng_state(resume["rng"][rank] if isinstance(resume["rng"], list) else resume["rng"])
-        step = resume["step"]
-    it = iter(loader)
-    flops_tok = flops_per_token(raw_model, cfg.max_seq_len)
-    peak = state["peak"]
-
-    def checkpoint(data_state, rng):
-        """Save the state as it was at the top of this step: weights and optimizer not yet updated, and the
-        loader position and RNG state from before this step's batches were drawn (the caller kept them)."""
-        msd, osd = full_state(raw_model, opt, cfg.fsdp)
-        rngs = [None] * world
-        if ddp:  # every rank's RNG, so a resumed run continues each rank's stream
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:
-            atomic_save({"model": msd, "model_config": asdict(raw_model.cfg), "optimizer": osd, "stage": stage,
-                         "step": step, "rng": rngs, "data_state": data_state, "train_config": asdict(cfg),
-                         "tokenizer": tok, "init": init or "", "history": state["history"]}, ckpt_path)
-        state["saved"] = (stage, step)
-
-    def stop(what):
-        """Not finite: nothing of this step is applied or saved; the message names the checkpoint to go back to."""
-        bar.close()
-        saved = state.get("saved")
-        back = (f"{ckpt_path} holds {saved[0]} step {saved[1]}, the last state whose loss was finite: go back to "
-                f"it with --resume=True and a lower --learning_rate" if saved else
-                f"This run saved no checkpoint yet: run the same command with a lower --learning_rate")
-        raise TrainError(f"[{stage}] step {step}: {what}. {back}")
-
-    # ---- the loop
-    model.train()
-    bar = tqdm(total=iters, initial=step, desc=stage, disable=not master, dynamic_ncols=True)
-    t_log, tok_log, t_stage = time.perf_counter(), 0, time.perf_counter()
-    on_disk = resume["step"] if resume is not None else -1  # (the step resumed from is in ckpt.pt already)
-    while step < iters:
-        # a checkpoint due at this step is written below, once this step's loss has shown its weights are finite:
-        # saved right after an update instead, it could hold weights that give NaN at the next step
-        due = step % cfg.eval_interval == 0 and step not in (0, on_disk)
-        before = (loader.state_dict(), rng_state()) if due else None
-        lr_now = get_lr(step, lr, ratio, warmup, iters)
-        for g in opt.param_groups:
-            g["lr"] = lr_now * g.get("lr_scale", 1.0)
-        loss_sum = torch.zeros((), device=device)
-        n_tok = 0
-        for micro in range(accum):
-            batch = to_device(next(it), device)
-            n_tok += int((batch["doc_ids"] >= 0).sum())
-            # sync gradients only on the last micro-step (set before forward: DDP reads it there)
-            if ddp and not cfg.fsdp:
-                model.require_backward_grad_sync = micro == accum - 1
-            if cfg.fsdp:
-                raw_model.set_requires_gradient_sync(micro == accum - 1)
-            with train_ctx:
-                _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
-                                batch["loss_weights"])
-            # each micro-batch loss is a mean, so divide to make the sum over micro-steps their mean
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
-        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
-            norm = norm.full_tensor()
-        stats = torch.stack((loss_sum / accum, norm.float().to(device)))
-        if ddp:
-            dist.all_reduce(stats)
-            stats /= world
-        loss_f, norm_f = stats.tolist()  # one CPU-GPU sync per step: the NaN guard must see every step
-        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-            stop(f"loss {loss_f}, grad norm {norm_f}: not finite, so training stopped before this update")
-        if due:
-            checkpoint(*before)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        state["history"].append((stage, state["step0"] + step, loss_f))
-        tok_log += n_tok * world
-        bar.update(1)
-        if step % cfg.log_interval == 0 or step == iters:
-            dt = time.perf_counter() - t_log
-            tps = tok_log / dt
-            mfu = tps * flops_tok / (peak * world)
-            eta = (time.perf_counter() - t_stage) / (step - state.get("resumed_at", 0)) * (iters - step)
-            bar.set_postfix(loss=f"{loss_f:.3f}", lr=f"{lr_now:.1e}", refresh=False)
-            if master:
-                bar.write(f"[{stage}] step {step}/{iters} loss {loss_f:.4f} lr {lr_now:.2e} norm {norm_f:.2f} "
-                          f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
-            t_log, tok_log = time.perf_counter(), 0
-            if state["cores"] and (n := state["cores"].update()):
-                bar.write(f"[{stage}] other processes use {state['cores'].others:.1f} cores: training on {n} "
-                          f"thread{'s' if n > 1 else ''} (CoreShare)")
-        if cfg.kill_at and state["step0"] + step == cfg.kill_at:
-            bar.close()
-            print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
-            os._exit(0)  # no cleanup, like a crash: only what is on disk survives
-    # the last update has no next step to vouch for it: one forward on the next batch does, before it is saved
-    before = (loader.state_dict(), rng_state())
-    b = to_device(next(it), device)
-    with torch.no_grad(), train_ctx, torch.compiler.set_stance("force_eager"):
-        _, loss = raw_model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
-    loss = loss.detach().float()
-    if ddp:
-        dist.all_reduce(loss)
-    if not math.isfinite(loss.item()):
-        stop(f"the last update gives loss {loss.item()}: not finite, so it was not saved")
-    checkpoint(*before)
-    bar.close()
-    state.pop("resumed_at", None)
-    if loader.skipped:  # why, per reason, with the first offenders: enough to find and fix them in the data
-        print0(f"[{stage}] skipped {loader.skipped} samples:\n" + "\n".join("  " + l for l in loader.report()))
-    if d := diverged([h[2] for h in state["history"] if h[0] == stage]):
-        print0(f"[{stage}] warning: the loss ended at {d[1]:.4g}, far above where it started ({d[0]:.4g}): the "
-               f"run diverged; lower --learning_rate", file=sys.stderr)
-    state["step0"] += iters
-
-    # ---- the stage's weights, in the authors' layout; evaluation
-    folder = os.path.join(cfg.out_dir, stage)
-    if cfg.fsdp:
-        msd, _ = full_state(raw_model, opt, True)
-        if master:
-            raw_model = NEO(raw_model.cfg)
-            raw_model.load_state_dict(msd)
-    if master:
-        save_stage_folder(raw_model, tok, folder, qwen3=stage == "llm")
-        print0(f"[{stage}] saved {folder}/ ({time.perf_counter() - t_stage:.0f} s)")
-        last = stage == state["last_stage"]
-        if cfg.data == "shapes" and cfg.eval_samples > 0 and (cfg.eval_every_stage or last):
-            t0 = time.perf_counter()
-            # what each stage taught: llm the text family, pretrain captions; then every family
-            families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
-            raw_model.to(device)  # (FSDP: the gathered copy above was built on the CPU)
-            if state["cores"]:
-                state["cores"].update()
-            acc = evaluate_or_warn(raw_model, enc, cfg, device, ctx, families=families)
-            entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - state["t0"], 1),
-                     "eval_seconds": round(time.perf_counter() - t0, 1)}
-            if cfg.blind and last:
-                entry["blind_accuracy"] = evaluate_or_warn(raw_model, enc, cfg, device, ctx, blind=True,
-                                                           families=families)
-            state["evals"].append(entry)
-            print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-            if "blind_accuracy" in entry:
-                print0(f"[{stage}] blind (images = noise):  " +
-                       ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
-            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-                json.dump({**entry, "stages": state["evals"]}, f, indent=2)
-    if ddp:
-        dist.barrier()
-    return folder
-
-
-# -----------------------------------------------------------------------------
-# Bench: tokens/s and achieved FLOP/s on the toy
-
-
-def bench(cfg, env):
-    _, _, _, _, device = env
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
-    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = data.special_ids(enc)                            # data stands in for real data at any model size
-    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
-        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    set_trainable(model, "midtrain")
-    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
-    batches = [to_device(next(it), device) for _ in range(4)]
-    fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
-    if cfg.compile:
-        compile_layers(model)
-
-    def train_step(b):
-        with ctx:
-            _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for b in batches:  # warm-up: every batch shape once (--compile=True compiles each here, not in the timing)
-        train_step(b)
-    if device == "cpu" and not cfg.threads:  # the thread count training would use now (CoreShare)
-        cores = CoreShare(torch.get_num_threads())
-        time.sleep(1.0)
-        cores.update()
-    n, t0 = 0, time.perf_counter()
-    for k in range(8):
-        train_step(batches[k % 4])
-        n += batches[k % 4]["input_ids"].numel()
-    if "cuda" in device:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tps = n / dt
-    flops = tps * flops_per_token(model, cfg.max_seq_len)
-    peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
-        torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
-    gpu = "cuda" in device
-    where = f"{torch.cuda.get_device_name()}" if gpu else f"{torch.get_num_threads()} threads"
-    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
-    print(f"bench: {model.num_params() / 1e6:.2f}M params, batch {cfg.batch_size}x{cfg.max_seq_len}, dtype "
-          f"{cfg.dtype}{', compiled' if cfg.compile else ''}, {where}: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
-          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s {'bf16 data-sheet' if gpu else 'measured'} "
-          f"peak = {100 * flops / peak:.1f}%{mem}")
-    return tps, flops / peak
-
-
-# -----------------------------------------------------------------------------
-# Ablation: the paper's Table 3 design choices, each on the same toy budget and seed
-
-# (name, overrides, the paper's 10-benchmark average for that row (Table 3; None: not in the table))
-ABLATIONS = [
-    ("NEO: Native-RoPE + mixed mask", {}, 44.0),
-    ("Native-RoPE + causal mask", {"mask": "causal"}, 40.3),
-    ("1D-RoPE + mixed mask", {"rope": "1d"}, 39.8),
-    ("1D-RoPE + causal mask", {"rope": "1d", "mask": "causal"}, 39.1),
-    ("Native-RoPE, H/W base 1e6", {"rope_theta_hw": 1e6}, 42.0),
-    ("no Pre-Buffer (0 layers)", {"n_pre_layers": 0}, None),
-]
-
-
-def ablate(cfg, argv):
-    """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
-    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
-    Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
-    root = os.path.join(cfg.out_dir, "ablation")
-    keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
-                                                 "--eval_every_stage="))]
-    t0 = time.perf_counter()
-    main(keep + [f"--out_dir={root}/llm", "--stage=llm", "--blind=False"])
-    rows, blind = [], None
-    for i, (name, over, paper) in enumerate(ABLATIONS):
-        print0(f"\n===== ablation {i + 1}/{len(ABLATIONS)}: {name}")
-        t1 = time.perf_counter()
-        st = main(keep + [f"--out_dir={root}/run{i}", f"--init_from={root}/llm/llm", f"--blind={i == 0}",
-                          "--eval_every_stage=False"] +
-                  [f"--{k}={v}" for k, v in over.items()])
-        last = st["evals"][-1]
-        rows.append(dict(name=name, overrides=over, paper=paper, accuracy=last["accuracy"],
-                         minutes=round((time.perf_counter() - t1) / 60, 1)))
-        if "blind_accuracy" in last:
-            blind = dict(name="blind (NEO, images = noise)", overrides={}, paper=None,
-                         accuracy=last["blind_accuracy"], minutes=0)
-    if blind:
-        rows.append(blind)
-    fams = [f for f in shapes.FAMILIES if f in rows[0]["accuracy"]]
-    vis = [f for f in fams if f != "text"]
-    for r in rows:
-        r["mean_visual"] = sum(r["accuracy"][f] for f in vis) / len(vis)
-    head = "| setting | " + " | ".join(fams) + " | mean (visual) | paper Table 3 avg |"
-    lines = [head, "|" + "---|" * (len(fams) + 3)]
-    for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * r['accuracy'][f]:.0f}" for f in fams) +
-                     f" | {100 * r['mean_visual']:.1f} | {r['paper'] if r['paper'] is not None else '-'} |")
-    md = "\n".join(lines) + "\n"
-    info = dict(command="python train.py " + " ".join(argv), minutes=round((time.perf_counter() - t0) / 60, 1),
-                threads=torch.get_num_threads(), rows=rows)
-    with open(os.path.join(root, "ablation.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(root, "ablation.md"), "w") as f:
-        f.write(md)
-    print0("\n" + md + f"({info['minutes']} min; {root}/ablation.md, ablation.json)")
-    return info
+def diverged(losses, factor=2.0):
+    """-> (the first loss, the mean of the last fifth) if that mean is over factor x the first loss, else None."""
+    k = len(losses) // 5
+    if k == 0:
+        return None
+    end = sum(losses[-k:]) / k
+    return (losses[0], end) if end > factor * losses[0] else None
 
 
 # -----------------------------------------------------------------------------
@@ -1150,10 +653,14 @@ def main(argv=None):
     if cfg.bench or cfg.ablate:  # bench writes nothing; the ablation's runs lock their own folders
         return run(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+    with checkpoint.out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
         ck = None
         if cfg.resume:  # the run's own config: this command line may change only the keys in RESUME_SAFE
-            ck = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+            path = os.path.join(cfg.out_dir, "ckpt.pt")
+            if not os.path.isfile(path):
+                raise ConfigError(f"--resume=True but {path} does not exist (no checkpoint written yet): run "
+                                  f"without --resume=True, or pass the --out_dir that holds it")
+            ck = checkpoint.read_checkpoint(path)
             cfg = parse_config(argv, saved={**ck["train_config"], "out_dir": cfg.out_dir})
         return run(cfg, argv, ck)
 
@@ -1236,7 +743,7 @@ def cli():
     anything else is a bug and keeps its traceback."""
     try:
         main()
-    except (ConfigError, TrainError, data.DataError, OSError) as e:
+    except (ConfigError, TrainError, checkpoint.CheckpointError, data.DataError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", 0), errno.EROFS,
                                                       errno.EACCES):
             raise
@@ -1250,6 +757,460 @@ def cli():
         sys.exit(2 if isinstance(e, ConfigError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Data and evaluation
+
+
+def resolve_tokenizer(cfg, init):
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for d in (init, os.path.dirname(init) if init else ""):  # our stage folders carry tokenizer.txt
+        if d and os.path.isfile(os.path.join(d, "tokenizer.txt")):
+            return open(os.path.join(d, "tokenizer.txt")).read().strip()
+        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
+            return d
+    return "shapes"
+
+
+def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
+    """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
+    if cfg.data == "shapes":
+        source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
+                                    max_pixels=mcfg.max_pixels, seed=seed,
+                                    extra=shapes.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
+    else:
+        source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
+                                   max_pixels=mcfg.max_pixels, stage=stage)
+    return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, rank=rank,
+                             world_size=world, seed=seed, num_workers=cfg.num_workers)
+
+
+def to_device(batch, device):
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
+    """Held-out exact match per task family: greedy generation with the KV cache, prompts of equal token
+    length generated together. blind=True replaces every image with noise: the accuracy a model that
+    cannot see gets (it should sit at each family's chance level)."""
+    model.eval()
+    ids = data.special_ids(enc)
+    special = set(ids.values())
+    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
+                                 max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
+    gen = torch.Generator().manual_seed(0)
+    groups = {}
+    for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
+        groups.setdefault(len(p["input_ids"]), []).append(p)
+    preds = []
+    bar = tqdm(total=len(prompts), desc="eval" + (" (blind)" if blind else ""), leave=False,
+               disable=int(os.environ.get("RANK", 0)) != 0)
+    for L, group in groups.items():
+        for i in range(0, len(group), cfg.eval_batch):
+            chunk = group[i:i + cfg.eval_batch]
+            x = torch.tensor([p["input_ids"] for p in chunk], device=device)
+            imgs = [im for p in chunk for im in p["images"]]
+            if blind:
+                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
+            imgs = [im.to(device) for im in imgs]
+            n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
+            with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
+                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
+            for p, row in zip(chunk, out.tolist()):
+                row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
+                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
+            bar.update(len(chunk))
+    bar.close()
+    model.train()
+    return shapes.score(preds)
+
+
+def evaluate_or_warn(*args, **kw):
+    """evaluate(), but a failure costs the accuracy, not the run: its traceback is shown and training goes on."""
+    try:
+        return evaluate(*args, **kw)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
+               "goes on", file=sys.stderr)
+        return {}
+
+
+# -----------------------------------------------------------------------------
+# Setup: processes, device, precision, compilation
+
+
+def setup_distributed(cfg):
+    """nanoGPT-style: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one process."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl")
+        else:  # CPU: gloo (the tests run two CPU processes this way)
+            device = "cpu"
+            dist.init_process_group("gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = cfg.device if cfg.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    return ddp, rank, local_rank, world, device
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def resolve_dtype(cfg, device, measure=None):
+    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
+    No rule by CPU flag is right: bf16 autocast trained the toy 1.4-1.7x faster than float32 on a 2-core
+    AMD EPYC with AVX512-BF16 and on a Xeon with AMX, but ~1.4x slower on a Xeon without either (its bf16
+    GEMMs run at half the fp32 rate). `measure` (tests) replaces the measurement."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if "cuda" in device:
+        return "bfloat16"
+    if device != "cpu":  # mps: float32, the one dtype every op supports there
+        return "float32"
+    return (measure or choose_cpu_dtype)(cfg)
+
+
+def choose_cpu_dtype(cfg, seconds=1.0):
+    """Time the real work in each candidate dtype and return the faster: a few eager training steps of the
+    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead), the
+    candidates interleaved and each one's best round kept, so a burst of other work on the machine does not
+    decide. Eager, not compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on
+    every CPU measured (EXPERIMENTS.md). Prints one line with both figures and the choice."""
+    t0 = time.perf_counter()
+    cands = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg.model == "toy":
+        enc = data.get_tokenizer("shapes")
+        sp = data.special_ids(enc)
+        mcfg = NEOConfig.preset(cfg.model, **model_overrides(cfg), img_start_id=sp["img_start"],
+                                img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+        probe = TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0})
+        b = to_device(next(iter(make_loader(probe, "midtrain", enc, mcfg, 0, 1, 0))), "cpu")
+        model = NEO(mcfg)
+        set_trainable(model, "midtrain")
+        opt = configure_optimizers(model, 0.0, 1e-6, (0.9, 0.95))
+        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
+
+        def work(dt):
+            with (nullcontext() if dt == torch.float32 else torch.autocast("cpu", dtype=dt)):
+                _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        d = NEOConfig.preset(cfg.model).d_model
+        x = {dt: torch.randn(512, d, dtype=dt) for dt in cands.values()}
+        w = {dt: torch.randn(d, d, dtype=dt) for dt in cands.values()}
+        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
+
+        def work(dt):
+            x[dt] @ w[dt]
+    best = {}
+    for name, dt in cands.items():  # warm-up: first-call costs (kernel selection, allocations) off the clock
+        work(dt)
+    for _ in range(3):
+        for name, dt in cands.items():
+            t1, k = time.perf_counter(), 0
+            while k == 0 or time.perf_counter() - t1 < seconds / 6:
+                work(dt)
+                k += 1
+            best[name] = max(best.get(name, 0.0), k * amount / (time.perf_counter() - t1))
+    choice = max(best, key=best.get)
+    print0(f"dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
+           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
+    return choice
+
+
+def shard(model, param_dtype):
+    """--fsdp=True: FSDP2 shards every layer, then the rest; mixed precision by its policy, not autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for blk in list(model.pre_buffer) + list(model.post_llm):
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def compile_layers(model):
+    """--compile=True compiles each transformer layer in place, not the whole model: the positions and the mask
+    depend on where the images sit in each pack (a graph break and a recompile per batch: NEO-2B compiled whole
+    had not finished warming up after 260 s on an H200), while every layer sees the same shapes and code.
+    Evaluation (KV-cache decoding, a new length each token) runs them eagerly (torch.compiler.set_stance)."""
+    for block in [*model.pre_buffer, *model.post_llm]:
+        block.compile()
+
+
+def compile_works(device):
+    """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
+    a machine without one trains eagerly after a one-line note instead of failing at the first step.
+    Measured on a 2-core AMX CPU in bf16: the toy run 1.4x faster end to end, 1.7x in --bench (README)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        return True
+    except Exception as e:  # no compiler, an unsupported platform or Python: all mean "eager"
+        first_line = str(e).partition("\n")[0][:120]
+        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {first_line}); "
+               f"training eagerly (pass --compile=False to skip this check)")
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Bench: tokens/s and achieved FLOP/s on the toy
+
+
+def bench(cfg, env):
+    _, _, _, _, device = env
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
+    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
+        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(model, "midtrain")
+    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
+    batches = [to_device(next(it), device) for _ in range(4)]
+    fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
+    if cfg.compile:
+        compile_layers(model)
+
+    def train_step(b):
+        with ctx:
+            _, loss = model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches:  # warm-up: every batch shape once (--compile=True compiles each here, not in the timing)
+        train_step(b)
+    if device == "cpu" and not cfg.threads:  # the thread count training would use now (CoreShare)
+        cores = CoreShare(torch.get_num_threads())
+        time.sleep(1.0)
+        cores.update()
+    n, t0 = 0, time.perf_counter()
+    for k in range(8):
+        train_step(batches[k % 4])
+        n += batches[k % 4]["input_ids"].numel()
+    if "cuda" in device:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = n / dt
+    flops = tps * flops_per_token(model, cfg.max_seq_len)
+    peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
+        torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
+    gpu = "cuda" in device
+    where = f"{torch.cuda.get_device_name()}" if gpu else f"{torch.get_num_threads()} threads"
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
+    print(f"bench: {model.num_params() / 1e6:.2f}M params, batch {cfg.batch_size}x{cfg.max_seq_len}, dtype "
+          f"{cfg.dtype}{', compiled' if cfg.compile else ''}, {where}: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
+          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s {'bf16 data-sheet' if gpu else 'measured'} "
+          f"peak = {100 * flops / peak:.1f}%{mem}")
+    return tps, flops / peak
+
+
+
+# -----------------------------------------------------------------------------
+# Helpers: logging, the test hook, CPU threads, FLOPs and peaks, the loss plot
+
+
+def log_step(st, state, loss, norm, lr, tok_per_s, env):
+    """The loop's log line (loss, LR, gradient norm, tokens/s, MFU, ETA), and CoreShare's thread count."""
+    rank, world, iters = env[1], env[3], st.schedule[3]
+    mfu = tok_per_s * st.flops_per_token / (state["peak"] * world)
+    eta = (time.perf_counter() - st.t0) / (st.step - state.get("resumed_at", 0)) * (iters - st.step)
+    st.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)
+    if rank == 0:
+        st.bar.write(f"[{st.name}] step {st.step}/{iters} loss {loss:.4f} lr {lr:.2e} norm {norm:.2f} "
+                     f"{tok_per_s:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
+    if state["cores"] and (n := state["cores"].update()):
+        st.bar.write(f"[{st.name}] other processes use {state['cores'].others:.1f} cores: training on {n} "
+                     f"thread{'s' if n > 1 else ''} (CoreShare)")
+
+
+def crash_if_asked(cfg, global_step, bar):
+    """--kill_at=N (the resume tests): stop dead right after global step N, as a crash would: no cleanup, so only
+    what is on disk survives."""
+    if cfg.kill_at and global_step == cfg.kill_at:
+        bar.close()
+        print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
+        os._exit(0)
+
+
+class CoreShare:
+    """Threads = the cores other processes leave free, re-checked by update() (Linux; elsewhere it does nothing).
+    Why: torch's OpenMP threads spin while they wait for each other. Beside one busy process, two threads on two
+    cores trained at 2,201 tok/s and decoded at 89, against 3,591 and 202 for one thread: the spinning waiter burns
+    the time slice the working thread needs. Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid that but cost 6-8%
+    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU").
+    Compiled layers recompile once per thread count they meet (Dynamo guards on it), then switch freely."""
+
+    def __init__(self, max_threads):
+        self.max, self.threads, self.others, self.last = max_threads, max_threads, 0.0, self.sample()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    @staticmethod
+    def sample():
+        """(wall s, CPU s used by every process, CPU s used by this one), or None where that cannot be read."""
+        try:
+            with open("/proc/stat") as f:
+                lines = f.read().splitlines()
+            if sum(l.startswith("cpu") for l in lines) - 1 != len(os.sched_getaffinity(0)):
+                return None  # we may run on only some of the machine's cores: their load is not readable here
+            v = [int(x) for x in lines[0].split()[1:9]]
+        except (OSError, AttributeError, ValueError):
+            return None
+        t = os.times()
+        busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def update(self):
+        """Set torch's thread count to the free cores seen since the last call; -> the new count if it changed."""
+        now, last = self.sample(), self.last
+        if now is None or last is None or now[0] - last[0] < 1.0:
+            return None
+        self.last = now
+        self.others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # busy elsewhere
+        n = max(1, min(self.max, int(self.cores - self.others + 0.5)))
+        if n == self.threads:
+            return None
+        self.threads = n
+        torch.set_num_threads(n)
+        return n
+
+
+def measure_cpu_peak(dtype, seconds=1.0):
+    """FLOP/s of a large matmul in `dtype` on this CPU: the ceiling MFU is measured against on a CPU."""
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
+    head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
+    cfg = model.cfg
+    n = model.num_params() - model.embed_tokens.weight.numel()
+    if cfg.tie_word_embeddings:
+        n += model.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
+    qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
+    return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
+
+
+def gpu_peak_flops(name):
+    """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
+    table = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40", 362e12),
+             ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+    return next((p for k, p in table if k in name), float("inf"))
+
+
+def draw_loss_curve(history, path):
+    """history [(stage, global_step, loss)] -> a PNG with one colour per stage (PIL only)."""
+    from PIL import Image, ImageDraw
+    if not history:
+        return
+    W, H, m = 900, 420, 50
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    xs, ys = [h[1] for h in history], [h[2] for h in history]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    lo, hi = min(ys), max(ys)
+    hi = max(hi, lo + 1e-3)
+    X = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    Y = lambda y: H - m - (y - lo) / (hi - lo) * (H - 2 * m)
+    d.rectangle((m, m, W - m, H - m), outline="black")
+    for k in range(5):
+        y = lo + (hi - lo) * k / 4
+        d.text((4, Y(y) - 6), f"{y:.2f}", fill="black")
+    colours = {"llm": (90, 90, 90), "pretrain": (200, 60, 60), "midtrain": (50, 110, 200), "spatial": (150, 90, 180),
+               "sft": (40, 160, 80)}
+    for s in colours:
+        pts = [(X(x), Y(y)) for st, x, y in history if st == s]
+        if len(pts) > 1:
+            d.line(pts, fill=colours[s], width=2)
+        if pts:
+            d.text((pts[0][0] + 3, m + 4), s, fill=colours[s])
+    d.text((W // 2 - 60, H - m + 15), "step (all stages)", fill="black")
+    d.text((m, 15), "training loss (square-weighted CE)", fill="black")
+    im.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Ablation: the paper's Table 3 design choices, each on the same toy budget and seed
+
+# (name, overrides, the paper's 10-benchmark average for that row (Table 3; None: not in the table))
+ABLATIONS = [
+    ("NEO: Native-RoPE + mixed mask", {}, 44.0),
+    ("Native-RoPE + causal mask", {"mask": "causal"}, 40.3),
+    ("1D-RoPE + mixed mask", {"rope": "1d"}, 39.8),
+    ("1D-RoPE + causal mask", {"rope": "1d", "mask": "causal"}, 39.1),
+    ("Native-RoPE, H/W base 1e6", {"rope_theta_hw": 1e6}, 42.0),
+    ("no Pre-Buffer (0 layers)", {"n_pre_layers": 0}, None),
+]
+
+
+def ablate(cfg, argv):
+    """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
+    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
+    Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
+    root = os.path.join(cfg.out_dir, "ablation")
+    keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
+                                                 "--eval_every_stage="))]
+    t0 = time.perf_counter()
+    main(keep + [f"--out_dir={root}/llm", "--stage=llm", "--blind=False"])
+    rows, blind = [], None
+    for i, (name, over, paper) in enumerate(ABLATIONS):
+        print0(f"\n===== ablation {i + 1}/{len(ABLATIONS)}: {name}")
+        t1 = time.perf_counter()
+        st = main(keep + [f"--out_dir={root}/run{i}", f"--init_from={root}/llm/llm", f"--blind={i == 0}",
+                          "--eval_every_stage=False"] +
+                  [f"--{k}={v}" for k, v in over.items()])
+        last = st["evals"][-1]
+        rows.append(dict(name=name, overrides=over, paper=paper, accuracy=last["accuracy"],
+                         minutes=round((time.perf_counter() - t1) / 60, 1)))
+        if "blind_accuracy" in last:
+            blind = dict(name="blind (NEO, images = noise)", overrides={}, paper=None,
+                         accuracy=last["blind_accuracy"], minutes=0)
+    if blind:
+        rows.append(blind)
+    fams = [f for f in shapes.FAMILIES if f in rows[0]["accuracy"]]
+    vis = [f for f in fams if f != "text"]
+    for r in rows:
+        r["mean_visual"] = sum(r["accuracy"][f] for f in vis) / len(vis)
+    head = "| setting | " + " | ".join(fams) + " | mean (visual) | paper Table 3 avg |"
+    lines = [head, "|" + "---|" * (len(fams) + 3)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * r['accuracy'][f]:.0f}" for f in fams) +
+                     f" | {100 * r['mean_visual']:.1f} | {r['paper'] if r['paper'] is not None else '-'} |")
+    md = "\n".join(lines) + "\n"
+    info = dict(command="python train.py " + " ".join(argv), minutes=round((time.perf_counter() - t0) / 60, 1),
+                threads=torch.get_num_threads(), rows=rows)
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write(md)
+    print0("\n" + md + f"({info['minutes']} min; {root}/ablation.md, ablation.json)")
+    return info
 
 
 if __name__ == "__main__":
