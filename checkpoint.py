@@ -219,7 +219,8 @@ def from_hf_config(hf, **overrides):
 def read_safetensors(path):
     """-> header {name: (shape, dtype)} from the files' headers, and read(name) -> that tensor. Data is read
     only by read(): one read() call straight into the tensor's own memory, with no mapping of the file and no
-    second copy, so loading costs about the file's size in memory (README, "Speed on a CPU")."""
+    second copy, so loading costs about the file's size in memory (EXPERIMENTS.md, section 'Speed on a CPU without
+    AMX')."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:

@@ -216,7 +216,8 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     expected answer time. No rule by CPU flag is right: bf16 halves the bytes a large model's decode reads, but
     its GEMMs run at half the fp32 rate on CPUs without AVX512-BF16 or AMX; a small model's decode is bound by
     per-op overhead, where bf16's casts cost more than they save and a second thread only adds waiting (the toy:
-    207 tok/s on one thread, 198 on two, 89 on two beside a busy process; EXPERIMENTS.md)."""
+    207 tok/s on one thread, 198 on two, 89 on two beside a busy process; EXPERIMENTS.md, section 'Speed on a CPU
+    without AMX')."""
     import copy
     import dataclasses
     import time

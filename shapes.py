@@ -23,9 +23,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 8, "big": 14}  # half-width in px: 16 and 28 px across, inside one 32-px token cell
 CELL = 32  # = patch_size * downsample: one visual token covers one cell
-# The background is the ImageNet mean, so after normalisation it is ~0: a flat light background was a large
-# constant input to the patch conv, Adam grew the visual tokens' norm with it, and colour took 3x more steps
-# to learn (measured: 250 mid-training steps give colour 78% with this grey, 28% with (245, 245, 245)).
+# The background is the ImageNet mean, so it normalises to ~0: a light one is a large constant input to the patch
+# conv that grows the visual tokens' norm and slows learning colour (EXPERIMENTS.md, section 'Earlier findings').
 BACKGROUND = tuple(round(255 * m) for m in MEAN)  # (124, 116, 104)
 INK = (20, 20, 20)
 SIDES = (64, 96, 128, 160)
@@ -52,16 +51,11 @@ FAMILIES = {
 }
 CHANCE = {f: c for f, (_, c) in FAMILIES.items()}
 IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick", "size", "read")
-# stage mixtures (relative weights). midtrain keeps NEO-ov's families (text, image, multi-image, video) but not
-# its 2:4:1:1 ratio, a toy deviation measured to learn faster. Colour questions are ~30% of its samples: finding
-# an object by its shape ("What color is the circle?") is the skill the toy learns last, and it needs many colour
-# questions while the patch embedding stays frozen (train.vision_lr_scale): 720 midtrain steps from one pretrain
-# checkpoint gave colour 74% at weight 0.25 and 93-96% at 4.25 (four mixtures). Captions (3.5) are the other slow
-# skill: listing 3-4 objects left to right. multi_turn asks 3-5 questions about one scene (the most supervision per
-# image); text is 1 (the llm stage taught it already) and video 0.4 (a video sample is ~150 tokens for one answer,
-# three times an image sample). spatial_two (training only: relations in two-object scenes, see gen_spatial_two)
-# shortens the plateau spatial relations sit on; multi_change was 62% at weight 0.5 and 86% and 100% at weight 1.
-# The runs behind each weight are in EXPERIMENTS.md.
+# Stage mixtures (relative weights). midtrain keeps NEO-ov's families (text, image, multi-image, video), not its
+# 2:4:1:1 ratio: most weight on the two skills the toy learns last, finding an object by its shape (colour
+# questions, ~30%) and listing 3-4 objects in order (captions); multi_turn gives 3-5 answers per image; little
+# video, the costliest in tokens (EXPERIMENTS.md, sections 'The patch embedding frozen after pretrain, and twice
+# the steps' and 'Earlier findings').
 MIXES = {
     "llm": {"text": 1},
     "pretrain": {"caption": 7, "text": 3},
@@ -73,13 +67,10 @@ MIXES = {
     "spatial": {"spatial_yn_two": 1},  # the toy's spatial stage (train.py --spatial_curriculum=True)
 }
 # --spatial_curriculum=True (train.py; the long command): weights added to (or replacing) a stage's mixture, and
-# the spatial stage between midtrain and sft. Spatial relations in the yes/no form ("Is the circle above or below
-# the square?") never left chance for above/below inside a mixture (six long runs). What got them there: rows
-# taught by top-to-bottom captions (gen_caption_rows), then yes/no questions alone (from a long run's model that
-# knew rows: 300 steps took the form from 49% to 94%, both axes, and every other family to ~0), then the sft
-# mixture with more of them, which brings the rest back and keeps spatial (caption 95, spatial 94, pick 94 after
-# 300 steps at LR 1e-3). At the default budget the model does not know rows yet (higher/lower at chance): there
-# the curriculum took spatial only from 50% to 63% and cost captions 90% -> 77% (EXPERIMENTS.md).
+# the spatial stage between midtrain and sft. Inside a mixture the yes/no form ("Is the circle above or below the
+# square?") never learns above/below; rows taught by top-to-bottom captions, then those questions alone, then sft
+# with more of them does it. Not the default: at its budget the model does not know rows yet, and captions pay
+# (EXPERIMENTS.md, section 'A spatial curriculum').
 SPATIAL_CURRICULUM = {"pretrain": {"caption_rows": 3}, "midtrain": {"caption_rows": 1},
                       "sft": {"caption_rows": 0.5, "spatial": 1.375, "spatial_yn_two": 1}}
 
@@ -130,7 +121,7 @@ def draw(W, H, objs, word=None):
     for o in objs:
         x, y, r = o["x"], o["y"], SIZES[o["size"]]
         # a dark outline: on the grey background the four colours lie on all sides of it, so only the outline gives
-        # every shape the same contour whatever its colour (measured: 120 shape-only steps, 57% -> 88%)
+        # every shape the same contour whatever its colour (EXPERIMENTS.md, section 'Earlier findings')
         kw = dict(fill=COLORS[o["color"]], outline=INK, width=2)
         if o["shape"] == "circle":
             d.ellipse([x - r, y - r, x + r, y + r], **kw)
@@ -159,9 +150,7 @@ def gen_caption(rng):
 
 def gen_caption_rows(rng):
     """Training only: the caption read top to bottom, every object in its own row. Captions list objects left to
-    right, which teaches columns and nothing teaches rows: after a long run without these, a ridge probe read an
-    object token's row from the patch embedding (R^2 0.90) but from no layer's output (R^2 <= 0.08); with them
-    in pretrain, 0.96 after every layer, and "which is higher" questions went from chance to 55 of 56."""
+    right, which teaches columns and nothing teaches rows; these do (EXPERIMENTS.md, section 'Earlier findings')."""
     objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, ok=lambda os_: all(abs(a["y"] - b["y"]) >= 8 for a, b in combinations(os_, 2)))
     return [draw(W, H, objs)], [("<image>Describe the image from top to bottom.",
@@ -224,19 +213,15 @@ def gen_spatial_pick(rng, n=0):
 
 
 def gen_spatial_two(rng):
-    """Training only: a spatial question of either form about a scene of exactly two objects, no distractor.
-    Relations sit on a plateau at chance for ~500 steps of spatial-only training with 2-3 objects; with two,
-    the loss leaves it after ~130 (measured from the 4x run's checkpoint). Held-out sets keep 2-3 objects.
-    Both axes equally: after a 4x run left/right was 100% right and above/below at chance (captions teach
-    left-to-right order, nothing teaches rows); asking above/below 3 times in 4 did not fix that and lost
-    left/right too (spatial 74% -> 46%, one run each)."""
+    """Training only: a spatial question of either form about a scene of exactly two objects, no distractor: with
+    two, relations leave their plateau at chance much sooner. Held-out sets keep 2-3 objects. Both axes equally:
+    asking above/below more did not teach rows and lost left/right (EXPERIMENTS.md, section 'Earlier findings')."""
     return (gen_spatial if rng.random() < 0.5 else gen_spatial_pick)(rng, n=2)
 
 
 def gen_spatial_yn_two(rng):
-    """Training only (the toy's spatial stage): the yes/no form alone, about two objects. Inside a mixture that
-    form never left chance for above/below in six long runs; alone, from a model that knows rows and the other
-    families, 300 steps took it to 94% (both axes), and the sft mixture after it keeps it (EXPERIMENTS.md)."""
+    """Training only (the toy's spatial stage): the yes/no form alone, about two objects, which a model that knows
+    rows learns quickly, where inside a mixture it does not (EXPERIMENTS.md, section 'A spatial curriculum')."""
     return gen_spatial(rng, n=2)
 
 

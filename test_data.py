@@ -240,7 +240,7 @@ def test_smart_resize_as_the_authors():
     gives beta = sqrt(691200 / 6144) = 10.607, 64*10.607/32 = 21.2 -> 22 rows, 96*10.607/32 = 31.8 -> 32
     columns: 704x1024 = 720,896 px (704 tokens)."""
     assert data.smart_resize(64, 96, 720 * 960, 720 * 960) == (704, 1024)
-    # NEO 1.0's budget (1280..4096 tokens), the issue's 451x300 photo: beta = sqrt(1310720 / 135300) = 3.1125,
+    # NEO 1.0's budget (1280..4096 tokens), a 451x300 photo: beta = sqrt(1310720 / 135300) = 3.1125,
     # 300*3.1125/32 = 29.2 -> 30, 451*3.1125/32 = 43.9 -> 44: 1,320 tokens
     assert data.smart_resize(300, 451, 1280 * 1024, 4096 * 1024) == (960, 1408)
     # over the max: beta = sqrt(3000*4000 / 4194304) = 1.6915, floor(1773.6/32) = 55, floor(2364.8/32) = 73

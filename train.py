@@ -79,15 +79,13 @@ class TrainConfig:
     vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = toy 0.1 in pretrain, 0 after;
     #                               full scale 1 (why: see vision_lr_scale())
     spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
-    #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why).
-    #                               The long command turns it on; at the default budget it cost captions.
+    #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
     grad_clip: float = 1.0
-    batch_size: int = 8           # packed rows per micro-step per process. Toy: 8 rows learn more per token than
-    #                               16 at the same tokens/s (midtrain, same 10 min: shape 70 -> 98%, size 42 -> 98%);
-    #                               4 rows was worse (shape 35%)
+    batch_size: int = 8           # packed rows per micro-step per process. Toy: 8 rows learn more in the same time
+    #                               than 16 or 4 (EXPERIMENTS.md, section 'Earlier findings')
     max_seq_len: int = 192        # tokens per packed row (ShapesWorld samples are 20-180 tokens; a row's
     #                               attention is dense, so longer rows cost more per token on a CPU)
     grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
@@ -281,23 +279,20 @@ def model_overrides(cfg):
 # mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead;
 # `toy_curriculum`: the toy's with --spatial_curriculum=True, where it differs.
 # The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
-# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves. The toy gives
-# pretrain about a quarter of its time: its frozen-LLM caption steps are the cheapest way to teach per-object
-# features (measured at 8 rows a step: caption 60% after 300 pretrain steps, 5% after 60 at 16 rows).
-# The toy's steps were doubled (llm 200 -> 400, pretrain 300 -> 600, midtrain 720 -> 1440, sft 60 -> 120) once the
-# patch embedding was frozen after pretrain: at the old counts colour needs 150-300 colour-only steps' worth of
-# midtrain, depending on the pretrain checkpoint, and captions ~400, more than 720 mixed steps hold (two runs:
-# colour 76 and 72, caption 68 and 85); doubled, caption 93 / 89 / 91, colour 99 / 100 / 76 (EXPERIMENTS.md).
-# The llm stage was raised from 80 steps for robustness: at 80 its held-out text was 92% with seed 1337 but 59%
-# with seed 7, and that seed's run then failed shape (36%) and size (31%); at 200, 97% and 80%.
+# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves.
+# Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest way to teach
+# per-object features (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing
+# 3-4 objects in order take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section
+# 'The patch embedding frozen after pretrain, and twice the steps'); a short llm stage leaves some seeds with an
+# LLM that pretrain cannot build on (EXPERIMENTS.md, section 'Earlier findings').
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
     "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
     "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600)),
     "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440)),
     "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 120),
-                     # --spatial_curriculum: sft brings back what the spatial stage's questions pushed out
-                     # (long command, 480 steps: caption 90 -> 97, colour 78 -> 91, multi_change 53 -> 77 over 3e-4)
+                     # 1e-3: after the spatial stage, sft must bring back the families its questions pushed
+                     # out, and 3e-4 brings back less (EXPERIMENTS.md, section 'A spatial curriculum')
                      toy_curriculum=(1e-3, 0.1, 5, 120)),
     "spatial":  dict(paper=None,                          toy=(2e-3, 0.1, 20, 150)),  # --spatial_curriculum
 }
@@ -325,16 +320,13 @@ def stage_recipe(cfg, stage):
 def vision_lr_scale(cfg, stage):
     """LR multiplier of the patch embedding in a stage: for the toy 0.1 in pretrain and 0 after it (the patch
     embedding that pretrain learnt stays as it is); 1 at full scale; --vision_lr_scale overrides both.
-    Why 0.1 in pretrain: ShapesWorld's few flat colours give the patch conv the same gradient direction step
-    after step, and Adam moves each of its weights by ~lr per step whatever the gradient's size, so the
-    visual tokens' norm grows steadily while text embeddings sit near 1. Measured after 60 pretrain + 250
-    midtrain steps: object tokens reached norm ~700 at 1x, ~11 at 0.1x (on the old light background, 1x
-    gave ~400 after 60 pretrain steps alone). Every layer's RMSNorm then sees only the raw patch features:
-    the Pre-Buffer cannot transform visual tokens. The paper's LRs on natural images need no factor.
-    Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the patch embedding
-    moves, the model does not finish learning to find an object by its shape. Colour questions alone, 250
-    midtrain steps from one pretrain checkpoint: colour 69% at 1x, 74% at 0.3x, 84% at 0.1x and 0.03x, 100% frozen
-    (two seeds); from another, 300 steps: 88% at 0.1x, 96% frozen (EXPERIMENTS.md)."""
+    Why 0.1 in pretrain: ShapesWorld's few flat colours push the patch conv the same way step after step, and Adam
+    moves each weight by ~lr a step: at 1x the visual tokens' norm grows to hundreds while text embeddings sit
+    near 1, and every layer's RMSNorm sees only raw patch features (EXPERIMENTS.md, section 'Earlier findings').
+    Natural images need no factor.
+    Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the patch embedding moves,
+    the model does not finish learning to find an object by its shape (EXPERIMENTS.md, section 'The patch
+    embedding frozen after pretrain, and twice the steps')."""
     if cfg.vision_lr_scale >= 0:
         return cfg.vision_lr_scale
     if cfg.model != "toy":
@@ -443,8 +435,8 @@ def setup_stage(cfg, stage, init, env, state):
     if cfg.grad_accum % world:
         raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
                           f"multiple of the world size {world}: e.g. --grad_accum={world * cfg.grad_accum}")
-    # each stage its own data seed, by its place in STAGES (spatial is last there, so the default's stages draw
-    # the same samples as before the spatial stage existed)
+    # each stage its own data seed, by its place in STAGES (the optional spatial stage is last there, so it moves
+    # no other stage's seed)
     loader = make_loader(cfg, stage, enc, raw_model.cfg, rank, world, cfg.seed + list(STAGES).index(stage))
     step = 0
     if resume is not None:
@@ -580,7 +572,7 @@ def stop(cfg, st, state, what):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     back = (f"{ckpt_path} holds {saved[0]} step {saved[1]}, the last state whose loss was finite: go back to "
             f"it with --resume=True and a lower --learning_rate" if saved else
-            f"This run saved no checkpoint yet: run the same command with a lower --learning_rate")
+            "This run saved no checkpoint yet: run the same command with a lower --learning_rate")
     raise TrainError(f"[{st.name}] step {st.step}: {what}. {back}")
 
 
@@ -872,9 +864,8 @@ def print0(*a, **k):
 
 def resolve_dtype(cfg, device, measure=None):
     """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
-    No rule by CPU flag is right: bf16 autocast trained the toy 1.4-1.7x faster than float32 on a 2-core
-    AMD EPYC with AVX512-BF16 and on a Xeon with AMX, but ~1.4x slower on a Xeon without either (its bf16
-    GEMMs run at half the fp32 rate). `measure` (tests) replaces the measurement."""
+    No rule by CPU flag is right: bf16 was faster on CPUs with AVX512-BF16 or AMX and slower on one with neither
+    (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). `measure` (tests) replaces the measurement."""
     if cfg.dtype != "auto":
         return cfg.dtype
     if "cuda" in device:
@@ -889,7 +880,7 @@ def choose_cpu_dtype(cfg, seconds=1.0):
     configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead), the
     candidates interleaved and each one's best round kept, so a burst of other work on the machine does not
     decide. Eager, not compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on
-    every CPU measured (EXPERIMENTS.md). Prints one line with both figures and the choice."""
+    every CPU measured (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). Prints both figures and the choice."""
     t0 = time.perf_counter()
     cands = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if cfg.model == "toy":
@@ -929,7 +920,7 @@ def choose_cpu_dtype(cfg, seconds=1.0):
                 k += 1
             best[name] = max(best.get(name, 0.0), k * amount / (time.perf_counter() - t1))
     choice = max(best, key=best.get)
-    print0(f"dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
+    print0("dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
            f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
     return choice
 
@@ -945,8 +936,8 @@ def shard(model, param_dtype):
 
 def compile_layers(model):
     """--compile=True compiles each transformer layer in place, not the whole model: the positions and the mask
-    depend on where the images sit in each pack (a graph break and a recompile per batch: NEO-2B compiled whole
-    had not finished warming up after 260 s on an H200), while every layer sees the same shapes and code.
+    depend on where the images sit in each pack (a graph break and a recompile per batch: EXPERIMENTS.md, section
+    'Measured on one GPU'), while every layer sees the same shapes and code.
     Evaluation (KV-cache decoding, a new length each token) runs them eagerly (torch.compiler.set_stance)."""
     for block in [*model.pre_buffer, *model.post_llm]:
         block.compile()
@@ -954,8 +945,7 @@ def compile_layers(model):
 
 def compile_works(device):
     """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
-    a machine without one trains eagerly after a one-line note instead of failing at the first step.
-    Measured on a 2-core AMX CPU in bf16: the toy run 1.4x faster end to end, 1.7x in --bench (README)."""
+    a machine without one trains eagerly after a one-line note instead of failing at the first step."""
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
         return True
@@ -1053,10 +1043,10 @@ def crash_if_asked(cfg, global_step, bar):
 
 class CoreShare:
     """Threads = the cores other processes leave free, re-checked by update() (Linux; elsewhere it does nothing).
-    Why: torch's OpenMP threads spin while they wait for each other. Beside one busy process, two threads on two
-    cores trained at 2,201 tok/s and decoded at 89, against 3,591 and 202 for one thread: the spinning waiter burns
-    the time slice the working thread needs. Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid that but cost 6-8%
-    on a quiet CPU, so instead the thread count follows the load (EXPERIMENTS.md, "Threads on a shared CPU").
+    Why: torch's OpenMP threads spin while they wait for each other, so beside one busy process two threads on two
+    cores are slower than one: the spinning waiter burns the time slice the working thread needs. Sleeping waiters
+    (OMP_WAIT_POLICY=PASSIVE) avoid that but are slower on a quiet CPU, so instead the thread count follows the load
+    (EXPERIMENTS.md, section 'Speed on a CPU without AMX').
     Compiled layers recompile once per thread count they meet (Dynamo guards on it), then switch freely."""
 
     def __init__(self, max_threads):
