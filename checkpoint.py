@@ -2,7 +2,8 @@
 Checkpoints in the authors' layout (DESIGN.md §7): the name map between our parameters and a released NEO
 or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the model is built on the meta
 device (no random init) and each tensor is read, cast and assigned on its own, so loading needs about the
-weights' size in memory. neo.py's NEO.from_pretrained and save_pretrained call in here; nothing here is model math.
+weights' size in memory; a Qwen3 becomes the Post-LLM with its new H/W parts set as DESIGN §5 says (init_hw_from_t).
+neo.py's NEO.from_pretrained and save_pretrained call in here; the forward math is all in neo.py.
 The last section is train.py's own: the resumable ckpt.pt (atomic writes, one run per out_dir, RNG state) and the
 stage folders.
 
@@ -99,8 +100,24 @@ def load(path, dtype=None, **overrides):
     if kind == "neo":  # (a)
         return assign_strict(model, header, read, ckpt_names(model, "neo"), path, dtype)
     assign_strict(model, header, read, ckpt_names(model, "qwen3"), path, dtype)  # (b); the rest: init_weights
-    model.init_hw_from_t()
+    init_hw_from_t(model)
     return model
+
+
+@torch.no_grad()
+def init_hw_from_t(model):
+    """A Qwen3 turned Post-LLM: new H/W projections that leave the LLM unchanged at step 0 (DESIGN §5). q_proj_hw per
+    head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and [D/2, 3D/4)), concatenated and
+    repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
+    nh, D, d = model.cfg.n_head, model.cfg.head_dim, model.cfg.d_model
+    for blk in model.post_llm:
+        a = blk.self_attn
+        q = a.q_proj.weight.view(nh, D, d)
+        hi = torch.cat((q[:, :D // 4], q[:, D // 2:3 * D // 4]), dim=1)  # (nh, D/2, d)
+        a.q_proj_hw.weight.copy_(torch.cat((hi, hi), dim=1).reshape(nh * D, d))
+        a.k_proj_hw.weight.zero_()
+        for n in ("q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w"):
+            getattr(a, n).weight.fill_(1.0)
 
 
 def read_config(path, **overrides):

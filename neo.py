@@ -1,17 +1,14 @@
 """
-NEO: a native vision-language model in one file.
-
-No vision encoder: raw pixels go through two small convolutions straight into one decoder-only
-transformer, which learns to see and to speak at once ("From Pixels to Words", arXiv 2510.14979;
-NEO-ov, arXiv 2605.28820). Notable features, each its own piece of code below:
-  1. PatchEmbed: Conv(16px) -> GELU -> 2-D rotary rotation of the patch features -> Conv(2x2), so one
-     visual token covers 32x32 pixels at the image's native resolution.
-  2. Native-RoPE + multi-head native attention (Attention): every token carries (t, h, w) indices;
-     q/k have the LLM's own T channels (base 1e6) plus D extra H/W channels (base 1e4) with their own
-     norms; the logit is the sum of the three dot products.
+NEO, a native vision-language model, in one file ("From Pixels to Words", arXiv 2510.14979; NEO-ov, arXiv
+2605.28820). No vision encoder: raw pixels go through two small convolutions straight into one decoder-only
+transformer, which learns to see and to speak at once. Notable features, each its own piece of code below:
+  1. PatchEmbed: Conv(16 px) -> GELU -> 2-D rotary rotation of the patch features -> Conv(2x2): one visual
+     token covers 32x32 pixels at the image's native resolution.
+  2. Native-RoPE + multi-head native attention (Attention): every token carries (t, h, w) indices; q/k have the
+     LLM's own T channels (base 1e6) plus D extra H/W channels (base 1e4) with their own norms.
   3. The mixed mask (build_attention_mask): causal over text, bidirectional inside one image.
   4. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
-The math follows ../shared/DESIGN.md and reproduces the authors' logits (test_neo.py).
+The math follows ../shared/DESIGN.md and reproduces the authors' logits (python -m pytest -q test_neo.py).
 
     from neo import NEO; NEO.from_pretrained("out/final")   # used by train.py and sample.py
     python sample.py --draw_mask mask.png                   # this file's indices and mask, drawn
@@ -84,20 +81,16 @@ class NEOConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+# what both released sizes share (a checkpoint's own config/tokenizer always overrides the image token ids)
+NEO_SHARED = dict(vocab_size=151936, max_seq_len=8192, vision_dim=1024, min_pixels=256 * 256,
+                  max_pixels=2048 * 2048, img_start_id=151670, img_end_id=151671, img_context_id=151669)
 PRESETS = {
-    # ~4M parameters: trains on a 2-core CPU in minutes. Same architecture as NEO, smaller sizes.
-    "toy": dict(),
-    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers (DESIGN.md §5). Image token ids are
-    # those of NEO's added tokens; a checkpoint's own config/tokenizer always overrides them.
-    "neo-2b": dict(vocab_size=151936, d_model=2048, n_layer=28, n_pre_layers=12, n_head=16, n_kv_head=8,
-                   head_dim=128, d_mlp=6144, tie_word_embeddings=True, max_seq_len=8192, vision_dim=1024,
-                   min_pixels=256 * 256, max_pixels=2048 * 2048,
-                   img_start_id=151670, img_end_id=151671, img_context_id=151669),
-    # NEO-9B = Qwen3-8B (36 layers, untied) + 6 Pre-Buffer layers.
-    "neo-9b": dict(vocab_size=151936, d_model=4096, n_layer=36, n_pre_layers=6, n_head=32, n_kv_head=8,
-                   head_dim=128, d_mlp=12288, tie_word_embeddings=False, max_seq_len=8192, vision_dim=1024,
-                   min_pixels=256 * 256, max_pixels=2048 * 2048,
-                   img_start_id=151670, img_end_id=151671, img_context_id=151669),
+    "toy": dict(),  # ~4M parameters: trains on a 2-core CPU in minutes; NEO's architecture, smaller sizes
+    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers; NEO-9B = Qwen3-8B (36, untied) + 6 (DESIGN.md §5)
+    "neo-2b": dict(**NEO_SHARED, d_model=2048, n_layer=28, n_pre_layers=12, n_head=16, n_kv_head=8, head_dim=128,
+                   d_mlp=6144, tie_word_embeddings=True),
+    "neo-9b": dict(**NEO_SHARED, d_model=4096, n_layer=36, n_pre_layers=6, n_head=32, n_kv_head=8, head_dim=128,
+                   d_mlp=12288, tie_word_embeddings=False),
 }
 
 # -----------------------------------------------------------------------------
@@ -125,9 +118,8 @@ def rope_cos_sin(pos, dim, theta):
 
 
 def apply_rope(x, cos, sin, halves):
-    """x * cos + rotate_half(x) * sin for consecutive parts of x's channels at once. halves: the sizes of each
-    part's two halves, in order; rotate_half of a part (x1, x2) is (-x2, x1), and sin carries the minus signs
-    (NEO.rope_tables), so swapping each part's halves is all that is left to do here."""
+    """x * cos + rotate_half(x) * sin for consecutive parts of x's channels at once (halves: each part's two half
+    sizes). rotate_half(x1, x2) = (-x2, x1), and sin carries the minus signs (NEO.rope_tables): swap the halves."""
     p = x.split(halves, dim=-1)
     swapped = torch.cat([p[i ^ 1] for i in range(len(p))], dim=-1)  # (x2, x1) of every part
     return (x * cos + swapped * sin).to(x.dtype)
@@ -148,7 +140,8 @@ def rope_interleaved(x, pos, theta):
 
 
 class PatchEmbed(nn.Module):
-    """(3, H, W) pixels -> (H/32 * W/32, d_model) visual tokens, row-major. No vision encoder."""
+    """(3, H, W) pixels -> (H/32 * W/32, d_model) visual tokens, row-major. No vision encoder, two convolutions:
+    Conv(16 px, stride 16) -> GELU -> 2-D rotation of the patch features -> Conv(2x2, stride 2)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -156,12 +149,29 @@ class PatchEmbed(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, stride=cfg.patch_size)
         self.dense_embedding = nn.Conv2d(cfg.vision_dim, cfg.d_model, cfg.downsample, stride=cfg.downsample)
 
+    def rotate(self, x, rows, cols):
+        """The only absolute position signal NEO has: of each 16-px patch's features x (N, C), the first C/2 rotate
+        with its column (x), the last C/2 with its row (y); in float32, as the authors do."""
+        C, theta, y = x.shape[-1], self.cfg.rope_theta_vision, x.float()
+        return torch.cat((rope_interleaved(y[:, :C // 2], cols, theta),
+                          rope_interleaved(y[:, C // 2:], rows, theta)), dim=-1).to(x.dtype)
+
+    def forward_reference(self, img):
+        """The paper's pixels -> tokens written out literally, for one (3, H, W) image (forward computes the same)."""
+        pe, de = self.patch_embedding, self.dense_embedding
+        x = F.gelu(F.conv2d(img[None], pe.weight, pe.bias, stride=self.cfg.patch_size))  # (1, C, gh, gw)
+        _, C, gh, gw = x.shape
+        rows, cols = torch.arange(gh, device=img.device), torch.arange(gw, device=img.device)
+        x = self.rotate(x[0].flatten(1).T, rows.repeat_interleave(gw), cols.repeat(gh))  # (gh*gw, C) row-major
+        x = F.conv2d(x.T.reshape(1, C, gh, gw), de.weight, de.bias, stride=self.cfg.downsample)  # (1, d, gh/2, gw/2)
+        return x[0].flatten(1).T                                                   # (N, d_model) row-major
+
     def forward(self, images):
         """images: one (3, H, W) tensor or a list of them -> (sum of H/32 * W/32, d_model), image after image.
-        Both convs have stride = kernel, so each is one matmul over non-overlapping patches: all images'
-        patches go through it together (measured ~3x faster on a CPU than one conv call per image)."""
+        The same two convolutions as forward_reference, written as matmuls: stride = kernel, so each conv is one
+        matmul over non-overlapping patches, and all images' patches go through it together (faster on a CPU)."""
         images = [images] if torch.is_tensor(images) else images
-        cfg, C, p, s = self.cfg, self.cfg.vision_dim, self.cfg.patch_size, self.cfg.downsample
+        C, p, s = self.cfg.vision_dim, self.cfg.patch_size, self.cfg.downsample
         patches, rows, cols, group, n = [], [], [], [], 0
         for img in images:
             gh, gw = img.shape[1] // p, img.shape[2] // p     # the 16-px grid
@@ -174,16 +184,11 @@ class PatchEmbed(nn.Module):
             group.append(n + idx.reshape(-1, s * s))          # (N, s*s), kernel order (ky, kx)
             n += gh * gw
         w1 = self.patch_embedding.weight.view(C, -1)
-        x = F.gelu(F.linear(torch.cat(patches), w1, self.patch_embedding.bias))  # (N16 total, C)
-        # the only absolute position signal NEO has: first C/2 channels rotate with the column (x),
-        # last C/2 with the row (y); computed in float32 as the authors do.
-        rows, cols, dt = torch.cat(rows), torch.cat(cols), x.dtype
-        x = x.float()
-        x = torch.cat((rope_interleaved(x[:, :C // 2], cols, cfg.rope_theta_vision),
-                       rope_interleaved(x[:, C // 2:], rows, cfg.rope_theta_vision)), dim=-1).to(dt)
+        x = F.gelu(F.linear(torch.cat(patches), w1, self.patch_embedding.bias))  # (N16 total, C): conv 1
+        x = self.rotate(x, torch.cat(rows), torch.cat(cols))
         x = x[torch.cat(group)].transpose(1, 2)              # (N, C, s*s): the dense conv's (c, ky, kx) order
-        w2 = self.dense_embedding.weight.view(cfg.d_model, -1)
-        return F.linear(x.reshape(x.shape[0], -1), w2, self.dense_embedding.bias)  # (N, d_model)
+        w2 = self.dense_embedding.weight.view(self.cfg.d_model, -1)
+        return F.linear(x.reshape(x.shape[0], -1), w2, self.dense_embedding.bias)  # (N, d_model): conv 2
 
 
 # -----------------------------------------------------------------------------
@@ -201,8 +206,7 @@ def build_positions(input_ids, grids, cfg, doc_ids=None):
         w       0  0  0     0 1 2 0 1 2 0      0
     t = cumsum(is_not_visual + follows_img_start) - 1, restarting at 0 for every packed document.
     """
-    B, L = input_ids.shape
-    dev = input_ids.device
+    (B, L), dev = input_ids.shape, input_ids.device
     is_vis = input_ids == cfg.img_context_id
     if cfg.rope == "1d":  # ablation: every token, visual ones too, gets its own t
         step = torch.ones_like(input_ids)
@@ -221,9 +225,7 @@ def build_positions(input_ids, grids, cfg, doc_ids=None):
         c = c - before.gather(1, start)
     t = c - 1
     # h, w: row and column on each image's own token grid, starting at (0, 0)
-    h = torch.zeros_like(input_ids)
-    w = torch.zeros_like(input_ids)
-    img_id = torch.full_like(input_ids, -1)
+    h, w, img_id = torch.zeros_like(input_ids), torch.zeros_like(input_ids), torch.full_like(input_ids, -1)
     n_vis = int(is_vis.sum())
     n_expect = sum(r * c_ for r, c_ in grids)
     if n_vis != n_expect:
@@ -300,9 +302,8 @@ def attention(q, k, v, mask, scale):
 
 
 def attention_math(q, k, v, mask, scale):
-    """The masked softmax written out (the CPU path). q and k have 2D channels and v has D, so SDPA takes its
-    slow math fallback on a CPU anyway (bf16: 2-4x slower than this). GQA without copying k and v: the n_head /
-    n_kv_head query heads that share a kv head are stacked along the query axis."""
+    """The masked softmax written out: on a CPU, SDPA with v narrower than q and k falls back to slower math (bf16:
+    2-4x). GQA without copying k and v: the query heads that share a kv head are stacked along the query axis."""
     B, nh, L, _ = q.shape
     nkv, S, D = v.shape[1], v.shape[2], v.shape[3]
     rep = nh // nkv
@@ -391,13 +392,14 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# KV cache for generate()
+# The model, and its KV cache for generate()
+
+HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 
 
 class KVCache:
-    """Preallocated per-layer k/v buffers. Two counters, because with Native-RoPE they differ:
-    `length` (how many tokens are cached) and `next_t` (the T index of the next token; an image of any
-    size uses one t, so next_t < length as soon as the prompt holds an image)."""
+    """Preallocated per-layer k/v buffers, and two counters that Native-RoPE makes differ: `length` (tokens cached)
+    and `next_t` (the next token's T index: an image of any size uses one t, so next_t < length after one)."""
 
     def __init__(self, cfg, B, T, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, T, 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim,
@@ -407,22 +409,13 @@ class KVCache:
         self.length, self.layer, self.next_t = 0, 0, None
 
     def update(self, k, v):
-        L = k.shape[2]
-        assert self.length + L <= self.k[0].shape[2], "KV cache full: raise max_seq_len"
-        self.k[self.layer][:, :, self.length:self.length + L] = k
-        self.v[self.layer][:, :, self.length:self.length + L] = v
-        end = self.length + L
-        out = self.k[self.layer][:, :, :end], self.v[self.layer][:, :, :end]
+        start, end, kc, vc = self.length, self.length + k.shape[2], self.k[self.layer], self.v[self.layer]
+        assert end <= kc.shape[2], "KV cache full: raise max_seq_len"
+        kc[:, :, start:end], vc[:, :, start:end] = k, v
         self.layer += 1
         if self.layer == len(self.k):  # advance after the last layer
             self.layer, self.length = 0, end
-        return out
-
-
-# -----------------------------------------------------------------------------
-# The model
-
-HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
+        return kc[:, :, :end], vc[:, :, :end]
 
 
 class NEO(nn.Module):
@@ -443,9 +436,8 @@ class NEO(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, modules=None):
-        """The one place weights are initialised: every Linear, Conv and Embedding weight N(0, 0.02),
-        biases 0, norm scales 1 (DESIGN.md §5, as the authors initialise the Pre-Buffer).
-        modules: only these (checkpoint.load: the parts a Qwen3 folder lacks); default all."""
+        """The one place weights are initialised (DESIGN.md §5, as the authors' Pre-Buffer): Linear, Conv and
+        Embedding weights N(0, 0.02), biases 0, norm scales 1. modules: only these (default all)."""
         for m in self.modules() if modules is None else modules:
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -453,21 +445,6 @@ class NEO(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-
-    @torch.no_grad()
-    def init_hw_from_t(self):
-        """Make new H/W projections of the Post-LLM layers leave the LLM unchanged at step 0 (DESIGN §5):
-        q_proj_hw per head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and
-        [D/2, 3D/4)), concatenated and repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
-        nh, D, d = self.cfg.n_head, self.cfg.head_dim, self.cfg.d_model
-        for blk in self.post_llm:
-            a = blk.self_attn
-            q = a.q_proj.weight.view(nh, D, d)
-            hi = torch.cat((q[:, :D // 4], q[:, D // 2:3 * D // 4]), dim=1)  # (nh, D/2, d)
-            a.q_proj_hw.weight.copy_(torch.cat((hi, hi), dim=1).reshape(nh * D, d))
-            a.k_proj_hw.weight.zero_()
-            for n in ("q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w"):
-                getattr(a, n).weight.fill_(1.0)
 
     def embed(self, input_ids, images):
         """Token embeddings with each <IMG_CONTEXT> slot replaced by its visual token."""
@@ -478,10 +455,9 @@ class NEO(nn.Module):
         return x
 
     def rope_tables(self, pos, dtype=torch.float32):
-        """Rotary tables for q and k from pos (3, B, L): cos, sin (B, L, 1, channels) and the halves' sizes.
-        Native-RoPE: the channels are [T | H | W] (D, D/2, D/2), each part rotated in rotate-half pairs by its own
-        index with its own base (t: 1e6, h and w: 1e4), so one multiply-add rotates all three. 1d: T alone.
-        Computed in float32, then cast to the hidden states' dtype, as the authors' Qwen3 rotary embedding does."""
+        """Rotary tables from pos (3, B, L): cos, sin (B, L, 1, 2D) and the halves' sizes. Native-RoPE: channels
+        [T | H | W] (D, D/2, D/2), each part rotated by its own index and base (t: 1e6, h and w: 1e4), all by one
+        multiply-add; 1d: T alone. Built in float32, cast to the hidden states' dtype as the authors' Qwen3 does."""
         D, cfg = self.cfg.head_dim, self.cfg
         parts = [rope_cos_sin(pos[0], D, cfg.rope_theta)]
         if cfg.rope == "native":
@@ -495,8 +471,7 @@ class NEO(nn.Module):
 
     def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
                 cache=None, last_only=False):
-        cfg = self.cfg
-        B, L = input_ids.shape
+        cfg, (B, L) = self.cfg, input_ids.shape
         for img in images or []:
             assert img.dim() == 3 and img.shape[1] % cfg.token_px == 0 and img.shape[2] % cfg.token_px == 0, \
                 f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
@@ -527,9 +502,7 @@ class NEO(nn.Module):
         logits = self.lm_head(x)
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none")
-        if loss_weights is None:
-            loss_weights = (targets != IGNORE_INDEX).float()
-        w = loss_weights.reshape(-1).float()
+        w = (targets != IGNORE_INDEX if loss_weights is None else loss_weights).reshape(-1).float()
         return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # DESIGN §6: sum(w * CE) / sum(w)
 
     def num_params(self):
@@ -540,23 +513,17 @@ class NEO(nn.Module):
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
                         eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0):
-        """Yield new token ids one at a time (B = 1 rows are yielded as ints, else (B,) tensors).
-        Prefill once with the mixed mask, then decode through a preallocated KV cache. use_cache=False
-        re-runs the whole sequence every step: the slow reference the tests compare against.
-        vocab_limit: the tokenizer's size; ids from it up (the vocabulary's padding) are never emitted.
-        temperature, top_k, top_p, repetition_penalty: as sample_next (Hugging Face semantics)."""
+        """Yield new token ids one at a time (ints if B = 1, else (B,) tensors): prefill once with the mixed mask, then
+        decode through a preallocated KV cache; use_cache=False re-runs the whole sequence each step (the tests'
+        reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next."""
         B, L = input_ids.shape
         # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too)
         seen = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
-        if use_cache:
-            param = next(self.parameters())
-            cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)),
-                            input_ids.device, param.dtype)
-            logits, _ = self(input_ids, images, cache=cache, last_only=True)
-        else:
-            seq = input_ids
-            logits, _ = self(seq, images, last_only=True)
+        cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)), input_ids.device,
+                        next(self.parameters()).dtype) if use_cache else None
+        seq = input_ids
+        logits, _ = self(seq, images, cache=cache, last_only=True)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):
@@ -574,11 +541,9 @@ class NEO(nn.Module):
                     return
             if i == max_new_tokens - 1 or (use_cache and cache.length + 1 > cache.k[0].shape[2]):
                 return
-            if use_cache:
-                logits, _ = self(nxt[:, None], cache=cache, last_only=True)
-            else:
-                seq = torch.cat((seq, nxt[:, None]), dim=1)
-                logits, _ = self(seq, images, last_only=True)
+            # cached: the new token alone (the cache holds the rest, images included); else the whole sequence
+            seq = nxt[:, None] if use_cache else torch.cat((seq, nxt[:, None]), dim=1)
+            logits, _ = self(seq, None if use_cache else images, cache=cache, last_only=True)
 
     def generate(self, input_ids, images=None, **kw):
         """-> (B, n_new) new token ids (stops early once every row has produced eos_id); kw: generate_stream's."""
@@ -589,26 +554,23 @@ class NEO(nn.Module):
     # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
 
     def save_pretrained(self, out_dir, layout="neo"):
-        """config.json + model.safetensors in the authors' layout, so their code could load our weights.
-        layout="qwen3" writes the Post-LLM alone as a Qwen3 checkpoint (the toy 'llm' stage's hand-over)."""
+        """config.json + model.safetensors in the authors' layout (layout="qwen3": the Post-LLM alone, as a Qwen3)."""
         import checkpoint
         checkpoint.save_pretrained(self, out_dir, layout)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **overrides):
-        """A released NEO folder, a Qwen3 folder (it becomes the Post-LLM behind fresh Pre-Buffer layers), or
-        our ckpt.pt, with parameters in `dtype` (None: the checkpoint's own). Strict: a missing, unexpected or
-        mis-shaped tensor is an error naming it."""
+        """A released NEO folder, a Qwen3 folder (the Post-LLM behind fresh Pre-Buffer layers) or our ckpt.pt, in
+        `dtype` (None: the checkpoint's own). Strict: a missing, unexpected or mis-shaped tensor is an error."""
         import checkpoint
         return checkpoint.load(path, dtype, **overrides)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None, repetition_penalty=1.0,
                 prev_ids=None):
-    """logits (B, V) -> (B,) token ids, in Hugging Face's order: the repetition penalty on every id in prev_ids
-    (B, n) (a logit > 0 is divided by it, one < 0 multiplied), then temperature (0 = argmax), top_k (clamped to
-    the vocabulary), top_p (keep the smallest set of likeliest tokens whose probability sums to >= top_p,
-    never fewer than one)."""
+    """logits (B, V) -> (B,) token ids, in Hugging Face's order: the repetition penalty on every id in prev_ids (B, n)
+    (a logit > 0 divided by it, one < 0 multiplied), temperature (0 = argmax), top_k (clamped to the vocabulary),
+    top_p (the smallest set of likeliest tokens whose probability sums to >= top_p, at least one)."""
     logits = logits.float()
     if repetition_penalty != 1.0 and prev_ids is not None:
         s = logits.gather(1, prev_ids)
@@ -628,17 +590,11 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None,
 
 
 def set_trainable(model, stage):
-    """requires_grad per stage (DESIGN.md §6). pretrain: exactly the patch embedding, every Pre-Buffer
-    layer, and the H/W q/k projections and norms of every layer (the released code got this wrong,
-    DESIGN §8). midtrain/sft (and the toy's spatial): everything. llm (toy only): the text model alone,
-    without the H/W parts."""
+    """requires_grad per stage (DESIGN.md §6). pretrain: exactly NEO's new parts, the patch embedding, every
+    Pre-Buffer layer and the H/W q/k projections and norms of every layer (the released code got this wrong,
+    DESIGN §8); llm (toy only): exactly the rest, the text model; midtrain, sft and the toy's spatial: everything."""
+    if stage not in ("llm", "pretrain", "midtrain", "spatial", "sft"):
+        raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain, spatial or sft")
     for name, p in model.named_parameters():
-        hw = any(f".self_attn.{h}." in name for h in HW_NAMES)
-        if stage == "pretrain":
-            p.requires_grad = name.startswith(("vision.", "pre_buffer.")) or hw
-        elif stage in ("midtrain", "spatial", "sft"):
-            p.requires_grad = True
-        elif stage == "llm":
-            p.requires_grad = not (name.startswith(("vision.", "pre_buffer.")) or hw)
-        else:
-            raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain, spatial or sft")
+        new = name.startswith(("vision.", "pre_buffer.")) or any(f".self_attn.{h}." in name for h in HW_NAMES)
+        p.requires_grad = {"pretrain": new, "llm": not new}.get(stage, True)

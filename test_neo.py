@@ -47,6 +47,22 @@ def test_parity_with_authors_logits():
     assert pos[0, 0].tolist() == case["t_index"].tolist()
 
 
+def test_patch_embed_is_the_papers_two_convolutions():
+    """PatchEmbed's matmul path equals Conv -> GELU -> 2-D rotation -> Conv written with F.conv2d, per image, on
+    two images of different sizes and aspect ratios."""
+    torch.manual_seed(0)
+    vision = NEO(tiny_cfg()).vision
+    with torch.no_grad():
+        for conv in (vision.patch_embedding, vision.dense_embedding):  # outputs of order 1, not 0.02's
+            conv.weight.normal_(std=conv.weight[0].numel() ** -0.5)
+            conv.bias.normal_()
+        imgs = [torch.randn(3, 64, 96), torch.randn(3, 128, 32)]
+        fast = vision(imgs)
+        ref = torch.cat([vision.forward_reference(img) for img in imgs])
+    assert fast.shape == ref.shape == (2 * 3 + 4 * 1, vision.cfg.d_model)
+    assert ref.abs().mean() > 0.1 and torch.allclose(fast, ref, atol=1e-5, rtol=0)
+
+
 def inference_config(hf, template="neo1_0"):
     """The fixture's config.json (the training kit's format) rewritten in the inference kit's
     (VLMEvalKit/vlmeval/vlm/neo/to_hf/configuration_neo_chat.py): template, top-level downsample_ratio, LoRA
