@@ -8,6 +8,9 @@ Data for nano-NEO: everything between files on disk and the tensors the model ea
 - LLaVA/NEO JSON/JSONL datasets, and a deterministic, resumable, rank-sharded loader of packed batches
 The toy's own world of coloured shapes, ShapesWorld, is in shapes.py.
 
+    enc = get_tokenizer("/path/Qwen3-1.7B")      # or "shapes", the toy's
+    loader = PackedLoader(JSONLDataset("ann.jsonl", image_root="/path/images", enc=enc), batch_size=8)
+    batch = next(iter(loader))  # input_ids, targets, loss_weights, doc_ids: (B, L); images: [(3, H, W), ...]
     python -m pytest -q test_data.py
 """
 import json

@@ -1,6 +1,7 @@
 """
 Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
-One flat file: config, setup, data, then one training loop that every stage runs through.
+One flat file, read top to bottom: the config, each stage's recipe, one stage (setup, the training loop that every
+stage runs through, finish), main; then data and evaluation, setup, bench, helpers and the ablation.
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~10-14 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
