@@ -378,8 +378,8 @@ def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, author
             start, dur, fps, half = s.start_time, float(s.duration * tb), float(rate), 0.5 / rate / tb
             pts_of = lambda i: start + round(i / rate / tb)  # frame i's time, to within half a frame
         else:
-            with av.open(name) as d:
-                pk = sorted((p.pts, p.duration or 0) for p in d.demux(d.streams.video[0]) if p.pts is not None)
+            with av.open(name) as probe:
+                pk = sorted((p.pts, p.duration or 0) for p in probe.demux(probe.streams.video[0]) if p.pts is not None)
             if not pk:
                 raise DataError(f"{name}: no video frames")
             n, start = len(pk), pk[0][0]
