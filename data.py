@@ -372,8 +372,7 @@ def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, author
         if s.codec_context.width and s.codec_context.height:  # as the header says; 0: unknown until decoded
             check_size(name, s.codec_context.width, s.codec_context.height)
         tb, n, rate = s.time_base, s.frames, s.average_rate
-        # frame times from the stream's metadata when it declares a constant rate (mp4, mov: nothing more is
-        # read); else (webm/mkv give no count; variable rate) one demux-only pass over the packets' pts, no decoding
+        # frame times: the header's if it says constant rate (mp4, mov); else a demux-only pass over packet pts
         if n > 0 and rate and rate == s.guessed_rate and s.start_time is not None and s.duration:
             start, dur, fps, half = s.start_time, float(s.duration * tb), float(rate), 0.5 / rate / tb
             pts_of = lambda i: start + round(i / rate / tb)  # frame i's time, to within half a frame
