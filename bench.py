@@ -7,6 +7,8 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py --only=neo2b       # a NEO-2B-shaped bf16 folder with random weights in the released layout:
                                        # save, load (time, peak RSS), prefill of one 1152x1152 photo, decode,
                                        # and sample.py on it (needs ~12 GB RAM and 6 GB free disk in --tmp)
+    python bench.py --only=video       # data.load_video on a 10 s and a 20 min 320x240 30 fps mp4 and webm (PyAV,
+                                       # written to --tmp): 8 frames, time and peak RSS
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
@@ -227,16 +229,65 @@ def neo2b_part(tmp):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+WRITE_VIDEO = r"""
+import sys, av, numpy as np
+path, n = sys.argv[1], int(sys.argv[2])  # 320x240 at 30 fps: a moving square on a still, noisy background
+base = np.random.default_rng(0).integers(0, 60, (240, 320, 3), dtype=np.uint8)
+with av.open(path, "w") as c:
+    vp8 = path.endswith(".webm")
+    s = c.add_stream("libvpx" if vp8 else "libx264", rate=30,
+                     options={"deadline": "realtime", "cpu-used": "8"} if vp8 else {"preset": "ultrafast"})
+    s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+    for i in range(n):
+        a = base.copy()
+        a[40:56, i * 2 % 304:i * 2 % 304 + 16] = 255
+        c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+    c.mux(s.encode())
+"""
+
+LOAD_VIDEO = r"""
+import resource, sys, time
+import data
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+t0 = time.perf_counter()
+if sys.argv[2] == "all":  # the reference: every frame decoded, none kept
+    import av
+    with av.open(sys.argv[1]) as c:
+        sum(1 for _ in c.decode(video=0))
+else:  # NEO-ov's per-frame budget (sample.py's neo-ov preset)
+    data.load_video(sys.argv[1], 8, 4 * 1024, 360 * 640, authors=True)
+print(f"{time.perf_counter() - t0:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} {rss:.0f}")
+"""
+
+
+def video_part(tmp, repeats):
+    print("\n## video files: data.load_video(file, 8 frames), NEO-ov's frame budget, each in a fresh process")
+    print("| file | size | load_video | peak RSS (after imports) |\n|---|---|---|---|")
+    folder = tempfile.mkdtemp(prefix="video_", dir=tmp)
+    try:
+        for ext in (".mp4", ".webm"):
+            for name, n in (("10 s", 300), ("20 min", 36000)):
+                path = os.path.join(folder, f"{n}{ext}")
+                python(["-c", WRITE_VIDEO, path, str(n)])
+                runs = [python(["-c", LOAD_VIDEO, path, "8"]).split() for _ in range(repeats)]
+                print(f"| {name} {ext} | {os.path.getsize(path) / 2**20:.1f} MiB | "
+                      f"{spread([float(r[0]) for r in runs], '{:.2f} s')} | {runs[0][1]} MiB ({runs[0][2]} MiB) |")
+        t, rss, _ = python(["-c", LOAD_VIDEO, os.path.join(folder, "36000.mp4"), "all"]).split()
+        print(f"(decoding all 36,000 frames of the 20 min mp4, for comparison: {float(t):.1f} s, {rss} MiB)")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b")
+    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b, video")
     p.add_argument("--repeats", type=int, default=1, help="runs of every setting (default 1)")
-    p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder is written")
+    p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder and videos are written")
     a = p.parse_args()
     parts = a.only.split(",")
-    bad = set(parts) - {"train", "decode", "neo2b"}
+    bad = set(parts) - {"train", "decode", "neo2b", "video"}
     if bad or a.repeats < 1:
-        sys.exit(f"bench.py: --only takes train, decode, neo2b (got {', '.join(sorted(bad))}); --repeats >= 1")
+        sys.exit(f"bench.py: --only takes train, decode, neo2b, video (got {', '.join(sorted(bad))}); --repeats >= 1")
     import torch
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
@@ -247,6 +298,8 @@ def main():
         decode_part(a.repeats)
     if "neo2b" in parts:
         neo2b_part(a.tmp)
+    if "video" in parts:
+        video_part(a.tmp, a.repeats)
     print(f"\n({(time.perf_counter() - t0) / 60:.1f} min)")
 
 

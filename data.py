@@ -259,17 +259,30 @@ def authors_rgb(img):
     return img.convert("RGB")
 
 
+def check_file(path):
+    name = str(path)
+    if not os.path.isfile(name):
+        raise DataError(f"{name}: no such file")
+    if os.path.getsize(name) == 0:
+        raise DataError(f"{name}: empty file")
+    return name
+
+
+def check_size(name, w, h):
+    """Refuse a picture or video frame too big to decode, or too long a strip, before decoding it."""
+    if w * h > MAX_DECODE_PIXELS:
+        raise DataError(f"{name}: decompression bomb ({w}x{h} px is over the {MAX_DECODE_PIXELS} px limit)")
+    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
+        raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
+
+
 def open_image(src, authors=False):
     """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason.
     authors=True: the released models' pipeline instead (authors_rgb, no EXIF rotation), the one they learnt."""
     if isinstance(src, Image.Image):
         name, img = "<PIL image>", src
     else:
-        name = str(src)
-        if not os.path.isfile(name):
-            raise DataError(f"{name}: no such file")
-        if os.path.getsize(name) == 0:
-            raise DataError(f"{name}: empty file")
+        name = check_file(src)
         try:
             with warnings.catch_warnings():  # our own size check below is the one that decides
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -278,11 +291,7 @@ def open_image(src, authors=False):
             raise DataError(f"{name}: decompression bomb ({e})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{name}: not an image ({e})") from None
-    w, h = img.size
-    if w * h > MAX_DECODE_PIXELS:
-        raise DataError(f"{name}: decompression bomb ({w}x{h} px is over the {MAX_DECODE_PIXELS} px limit)")
-    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
-        raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
+    check_size(name, *img.size)
     try:
         img.load()
         return authors_rgb(img) if authors else to_rgb(ImageOps.exif_transpose(img))
@@ -327,22 +336,99 @@ def authors_indices(n, k):
     return [int(i * step) for i in range(1, k + 1)]
 
 
-def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False):
-    """A folder of frames, a list of frame files, or an animated GIF/WebP -> (frames, timestamps, duration).
+def frame_indices(n, k, fps, sample_fps=None, authors=False):
+    """Which of n frames (fps: their mean rate) to keep. k frames: authors_indices (or the toy's uniform_indices).
+    sample_fps: the authors' rate rule (VLMEvalKit_ov/vlmeval/dataset/videomme.py, save_video_frames with fps > 0):
+    int(i * fps / sample_fps) for i < int(n / fps * sample_fps), or, when that is over k, int(i * n / (k + 1)) for
+    i < k (their "1fps_max256" is sample_fps=1, k=256); at least one frame where they would take none."""
+    if not sample_fps:
+        return (authors_indices if authors else uniform_indices)(n, k)
+    need = int(n / fps * sample_fps)
+    step = fps / sample_fps if need <= k else n / (k + 1)
+    return [min(int(i * step), n - 1) for i in range(max(1, min(need, k)))]
+
+
+def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, authors):
+    """mp4, webm, mov, mkv, avi, ... through PyAV -> (frames, timestamps, duration), decoding only the frames
+    chosen: a seek back to the keyframe before each, then forward to it, so memory and time follow the frames
+    chosen, not the file's length. Times are the frames' own pts * time_base, from the first frame; a rotation in
+    the stream's display matrix (phone videos) is undone, as players do. Bad files raise DataError naming them."""
+    try:
+        import av  # here, not at the top: the project imports and runs without it
+    except ImportError:
+        raise DataError(f"{name}: reading a video file needs PyAV: pip install av", "video file without PyAV "
+                                                                                    "(pip install av)") from None
+    check_file(name)
+    try:
+        c = av.open(name)
+    except (av.FFmpegError, OSError) as e:
+        raise DataError(f"{name}: not a video, or truncated ({e.strerror or e})") from None
+    with c:
+        if not c.streams.video:
+            raise DataError(f"{name}: no video stream ({'audio only' if c.streams.audio else 'no streams'})")
+        s = c.streams.video[0]
+        if s.codec_context is None:
+            raise DataError(f"{name}: unknown video codec (FFmpeg in PyAV {av.__version__} has no decoder for it)")
+        if s.codec_context.width and s.codec_context.height:  # as the header says; 0: unknown until decoded
+            check_size(name, s.codec_context.width, s.codec_context.height)
+        tb, n, rate = s.time_base, s.frames, s.average_rate
+        # frame times: the header's if it says constant rate (mp4, mov); else a demux-only pass over packet pts
+        if n > 0 and rate and rate == s.guessed_rate and s.start_time is not None and s.duration:
+            start, dur, fps, half = s.start_time, float(s.duration * tb), float(rate), 0.5 / rate / tb
+            pts_of = lambda i: start + round(i / rate / tb)  # frame i's time, to within half a frame
+        else:
+            with av.open(name) as probe:
+                pk = sorted((p.pts, p.duration or 0) for p in probe.demux(probe.streams.video[0]) if p.pts is not None)
+            if not pk:
+                raise DataError(f"{name}: no video frames")
+            n, start = len(pk), pk[0][0]
+            gap = (pk[-1][0] - start) / max(n - 1, 1)  # mean spacing, for packets that carry no duration
+            dur = float((max(p + (d or gap) for p, d in pk) - start) * tb) or (c.duration or 0) / 1e6
+            fps, half, pts_of = n / max(dur, 1e-6), 0, lambda i: pk[i][0]
+        idx = frame_indices(n, num_frames, fps, sample_fps, authors)
+        got, frames, last = {}, iter(c.decode(s)), start
+        far = 2 / tb  # decoding on beats seeking for a frame under 2 s ahead (keyframes are 1-10 s apart)
+        try:
+            for t in sorted({pts_of(i) for i in idx}):
+                if t - last > far:
+                    try:
+                        c.seek(t, stream=s)  # to the keyframe at or before t
+                        frames = iter(c.decode(s))
+                    except av.FFmpegError:  # a stream that cannot seek: decode on
+                        pass
+                f = next((f for f in frames if f.pts is not None and f.pts >= t - half), None)
+                if f is None:
+                    raise DataError(f"{name}: truncated (no frame at {float((t - start) * tb):.2f} s of {dur:.2f} s)")
+                last, img = f.pts, f.to_image()
+                rot = round(getattr(f, "rotation", 0) / 90) % 4  # counter-clockwise, as PIL's ROTATE_90
+                img = img.transpose([None, Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270][rot]) if rot else img
+                got[t] = (to_tensor(img, min_pixels, max_pixels), float((f.pts - start) * tb))
+        except av.FFmpegError as e:
+            raise DataError(f"{name}: truncated or corrupt video ({e.strerror})") from None
+    frames, stamps = zip(*(got[pts_of(i)] for i in idx))
+    return list(frames), list(stamps), dur
+
+
+def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False,
+               sample_fps=None):
+    """A video file (mp4, webm, mov, mkv, avi, ...: read_video_file), a folder of frames, a list of frame files, or
+    an animated GIF/WebP -> (frames, timestamps, duration).
 
     frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
     num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
-    frame durations. Timestamps and duration are in seconds. authors=True: frames chosen and loaded as the
-    released models' evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
-    pick = authors_indices if authors else uniform_indices
+    frame durations. Timestamps and duration are in seconds. num_frames frames, or with sample_fps that many per
+    second, at most num_frames (frame_indices). authors=True: frames chosen and loaded as the released models'
+    evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
     if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
         files = list(path) if isinstance(path, (list, tuple)) else sorted(
             os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
         if not files:
             raise DataError(f"{path}: no frames")
-        idx = pick(len(files), num_frames)
+        idx = frame_indices(len(files), num_frames, fps, sample_fps, authors)
         frames = [load_image(files[i], min_pixels, max_pixels, authors) for i in idx]
         return frames, [i / fps for i in idx], len(files) / fps
+    if not str(path).lower().endswith(IMAGE_EXT):
+        return read_video_file(str(path), num_frames, min_pixels, max_pixels, sample_fps, authors)
     img = open_image(path, authors)  # validates the file (missing, empty, bomb, ...); frames are read below
     anim = Image.open(path)
     n = getattr(anim, "n_frames", 1)
@@ -351,7 +437,7 @@ def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps
         anim.seek(i)
         starts.append(t)
         t += (anim.info.get("duration") or 1000 / fps) / 1000
-    frames, idx = [], pick(n, num_frames)
+    frames, idx = [], frame_indices(n, num_frames, n / t, sample_fps, authors)
     for i in idx:
         anim.seek(i)
         rgb = (authors_rgb if authors else to_rgb)(anim.convert("RGBA")) if n > 1 else img

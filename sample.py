@@ -3,11 +3,11 @@ Ask NEO about an image, several images or a video, and watch the answer stream o
 
     python sample.py --image cat.jpg                                # the toy's out/final: a ShapesWorld-style caption
     python sample.py --image a.png --image b.png --prompt "Which image has more shapes, the first or the second?"
-    python sample.py --video clip.gif --num_frames 8 --prompt "Which way does the shape move?"
+    python sample.py --video clip.mp4 --num_frames 8 --prompt "Which way does the shape move?"
     python sample.py --image cat.jpg --show_attention attn.png      # where the answer looked
     python sample.py --draw_mask mask.png                           # NEO's (t, h, w) indices and mask, drawn
     python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --device cuda   # the authors' weights
-    python sample.py --init_from /path/NEO1_5-2B-SFT --video clip.mp4_frames/ --dry_run   # the prompt, no weights
+    python sample.py --init_from /path/NEO1_5-2B-SFT --video clip.mp4 --dry_run   # the prompt, no weights needed
 
 --init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
 (out/final, out/sft, ...: config.json, model.safetensors, tokenizer.txt or tokenizer files) or a training
@@ -89,8 +89,13 @@ def save_png(im, path):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Caption an image, several images or a video with NEO.")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    p.add_argument("--video", nargs="+", help="a folder of frames, an animated GIF/WebP, or frame files")
-    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly from --video (default 8)")
+    p.add_argument("--video", nargs="+", help="a video file (mp4, webm, mov, mkv, avi, ...; needs PyAV), a folder "
+                                              "of frames, an animated GIF/WebP, or frame files")
+    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly from --video (default 8); "
+                                                             "with --video_fps, the most")
+    p.add_argument("--video_fps", type=float, default=None,
+                   help="sample this many frames per second instead, at most --num_frames (the authors' Video-MME: "
+                        "--video_fps 1 --num_frames 256)")
     p.add_argument("--prompt", default=None, help="the question (default: asks for a description)")
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                    help="prompt layout, system turn, pixel budgets and decoding (default auto: shapes for our "
@@ -450,6 +455,7 @@ def main(argv=None):
         raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
     bad = [f"--{k}={v}" for k, v, ok in (
         ("num_frames", args.num_frames, args.num_frames >= 1),
+        ("video_fps", args.video_fps, args.video_fps is None or 0 < args.video_fps < float("inf")),
         ("max_new_tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1),
         ("temperature", args.temperature, args.temperature is None or 0 <= args.temperature < float("inf")),
         ("top_p", args.top_p, args.top_p is None or 0 < args.top_p <= 1),
@@ -457,7 +463,8 @@ def main(argv=None):
          args.repetition_penalty is None or 0 < args.repetition_penalty < float("inf"))) if not ok]
     if bad:
         raise SampleError(f"{', '.join(bad)}: --num_frames and --max_new_tokens must be at least 1, --temperature a "
-                          f"number from 0 (greedy) up, --top_p in (0, 1], --repetition_penalty a number above 0")
+                          f"number from 0 (greedy) up, --top_p in (0, 1], --repetition_penalty and --video_fps "
+                          f"numbers above 0")
     for flag in ("prompt", "system"):
         if "<image>" in (getattr(args, flag) or ""):
             raise SampleError(f"--{flag} holds '<image>': sample.py puts each --image / --video frame into the "
@@ -493,10 +500,11 @@ def main(argv=None):
     if args.video:
         src = args.video[0] if len(args.video) == 1 else args.video
         try:
-            frames, stamps, duration = data.load_video(src, args.num_frames, *s["frame_pixels"], authors=authors)
+            frames, stamps, duration = data.load_video(src, args.num_frames, *s["frame_pixels"], authors=authors,
+                                                       sample_fps=args.video_fps)
         except data.DataError as e:
-            raise SampleError(f"{e}; --video takes a folder of frame images, an animated GIF/WebP, "
-                              f"or frame files") from None
+            raise SampleError(f"{e}; --video takes a video file (mp4, webm, mov, ...), a folder of frame images, "
+                              f"an animated GIF/WebP, or frame files") from None
         first = to_pil(frames[0]) if first is None else first
         images.extend(frames)
 

@@ -291,6 +291,166 @@ def test_video_as_the_authors_sample_it(tmp_path):
     assert data.video_head(4, 2.0).endswith("sampled at 2 FPS.\n")
 
 
+def write_video(path, n=20, fps=10, size=(64, 48), times=None, rotation=None, gop=None, bits=False):
+    """A small video file written with PyAV (H.264 in .mp4/.mov, VP8 in .webm): a white 8x8 square on black
+    moving 2 px right per frame (frame i: columns 2i..2i+7 of the top rows), or with bits=True the frame's number
+    in binary, bit b white in columns 8b..8b+7. times: each frame's start in seconds (pts on a 1/1000 s clock;
+    variable rate), else fps apart. No B-frames: the muxer keeps the times as given. gop: keyframe spacing."""
+    av = pytest.importorskip("av", reason="reading and writing video files needs PyAV: pip install av")
+    from fractions import Fraction
+    W, H = size
+    codec = "libvpx" if str(path).endswith(".webm") else "libx264"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps, options={"bf": "0"} if codec == "libx264" else {})
+        s.width, s.height = W, H  # x264 codes odd sizes only without chroma subsampling
+        s.pix_fmt = "yuv420p" if codec == "libvpx" or (W % 2 == 0 and H % 2 == 0) else "yuv444p"
+        if times is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        if gop:
+            s.codec_context.gop_size = gop
+        if rotation is not None:
+            if not hasattr(s, "set_display_rotation"):
+                pytest.skip(f"PyAV {av.__version__} cannot write a display matrix (PyAV 18 can)")
+            s.set_display_rotation(rotation)  # the display matrix phones write
+        for i in range(n):
+            a = np.zeros((H, W, 3), np.uint8)
+            for x in [8 * b for b in range(W // 8) if i >> b & 1] if bits else [2 * i]:
+                a[:8, x:x + 8] = 255
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            if times is not None:
+                f.pts, f.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    return str(path)
+
+
+def square_x(frame):
+    """The left column of the moving square in a (3, H, W) frame loaded at its own width."""
+    cols = (frame.mean(0)[:4] > 0).any(0).nonzero()
+    return int(cols[0])
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+def test_video_file_frames_and_times(tmp_path, ext):
+    """An mp4 (H.264, frame count in the header: no pass over the file) and a webm (VP8, no count: the packets'
+    times are read, nothing decoded): 20 frames at 10 fps, 2.0 s. The frames are the ones the authors' rules pick
+    (VLMEvalKit_ov/vlmeval/dataset/videomme.py), worked by hand below, timed by their own pts."""
+    v = write_video(tmp_path / f"clip{ext}")
+    kw = dict(min_pixels=64 * 64, max_pixels=64 * 64)  # 64x48 -> 64x64: columns where they were
+    # 4 frames: step 20 / 5 = 4 -> frames 4, 8, 12, 16 at 0.4, 0.8, 1.2, 1.6 s
+    fr, ts, dur = data.load_video(v, 4, authors=True, **kw)
+    assert ts == pytest.approx([0.4, 0.8, 1.2, 1.6]) and dur == pytest.approx(2.0)
+    assert [square_x(f) for f in fr] == [8, 16, 24, 32] and fr[0].shape == (3, 64, 64)
+    # the toy's segment middles: int((i + 0.5) * 5) = 2, 7, 12, 17
+    fr, ts, _ = data.load_video(v, 4, **kw)
+    assert ts == pytest.approx([0.2, 0.7, 1.2, 1.7]) and [square_x(f) for f in fr] == [4, 14, 24, 34]
+    # a rate: 3 per second gives int(2.0 * 3) = 6 <= 8 frames, every 10 / 3 = 3.33rd: 0, 3, 6, 10, 13, 16
+    fr, ts, _ = data.load_video(v, 8, sample_fps=3, authors=True, **kw)
+    assert ts == pytest.approx([0.0, 0.3, 0.6, 1.0, 1.3, 1.6]) and [square_x(f) for f in fr] == [0, 6, 12, 20, 26, 32]
+    # ... capped at 4: 6 > 4, so int(i * 20 / 5) for i = 0..3: 0, 4, 8, 12
+    assert data.load_video(v, 4, sample_fps=3, authors=True, **kw)[1] == pytest.approx([0.0, 0.4, 0.8, 1.2])
+    assert data.video_prompt(ts[:4], dur, authors=True) == (
+        "The time range of this video is [00:00-00:02], and the following is a series of 4 frames sampled at 2.0 FPS."
+        "\n[00:00.00]:<image>\n[00:00.30]:<image>\n[00:00.60]:<image>\n[00:01.00]:<image>\n")
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+def test_video_file_long_seeks(tmp_path, ext):
+    """A 60 s file (5 fps, a keyframe every 5 s): the frames 7.5 s apart are reached by seeking, not by decoding
+    all 300, and they are the right ones (each shows its number in binary)."""
+    v = write_video(tmp_path / f"long{ext}", n=300, fps=5, size=(96, 32), gop=25, bits=True)
+    fr, ts, dur = data.load_video(v, 8, 32 * 32, 96 * 32, authors=True)  # int(i * 300 / 9), i = 1..8
+    number = lambda f: sum(1 << b for b in range(12) if f.mean(0)[:8, 8 * b + 4].mean() > 0)
+    assert [number(f) for f in fr] == [33, 66, 100, 133, 166, 200, 233, 266] and dur == pytest.approx(60.0)
+    assert ts == pytest.approx([6.6, 13.2, 20.0, 26.6, 33.2, 40.0, 46.6, 53.2])
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+def test_video_file_variable_rate(tmp_path, ext):
+    """Frames at 0, 0.1, 0.2, 1.0, 1.1 and 3.0 s (hand-set pts): the timestamps are those, not i / fps, and the
+    duration is the file's, 3.1 s (the last frame lasts 1/10 s, the stream's nominal rate)."""
+    v = write_video(tmp_path / f"vfr{ext}", n=6, times=[0, 0.1, 0.2, 1.0, 1.1, 3.0])
+    # the authors' 4 of 6: step 1.2 -> int(1.2, 2.4, 3.6, 4.8) = frames 1, 2, 3, 4
+    fr, ts, dur = data.load_video(v, 4, 64 * 64, 64 * 64, authors=True)
+    assert ts == pytest.approx([0.1, 0.2, 1.0, 1.1]) and dur == pytest.approx(3.1)
+    assert [square_x(f) for f in fr] == [2, 4, 6, 8]
+    # the toy's: int((i + 0.5) * 1.5) = frames 0, 2, 3, 5
+    assert data.load_video(v, 4)[1] == pytest.approx([0.0, 0.2, 1.0, 3.0])
+
+
+def test_video_file_rotated_and_odd_size(tmp_path):
+    """A phone video is stored sideways with a display matrix: it loads upright. A 64x32 frame with its 8x8
+    square in the top-left corner, rotated 90 degrees counter-clockwise for display, is 32x64 with the square in the
+    bottom-left; -90 (clockwise, a phone's "rotate=90"): top-right. A 37x23 px file loads too."""
+    for rot, rows, cols in ((90, slice(56, 64), slice(0, 8)), (-90, slice(0, 8), slice(24, 32))):
+        v = write_video(tmp_path / f"rot{rot}.mp4", n=1, size=(64, 32), rotation=rot)
+        f = data.load_video(v, 1, 32 * 32, 64 * 64)[0][0]
+        assert f.shape == (3, 64, 32)
+        bright = f.mean(0) > 0
+        assert bright[rows, cols].all() and bright.sum() == 64, (rot, bright.nonzero())
+    for ext in (".mp4", ".webm"):  # 37x23 is 851 px: scaled up by sqrt(4096 / 851) = 2.19 to 96x64
+        fr, ts, _ = data.load_video(write_video(tmp_path / f"odd{ext}", size=(37, 23)), 4)
+        assert [tuple(f.shape) for f in fr] == [(3, 64, 96)] * 4 and ts == pytest.approx([0.2, 0.7, 1.2, 1.7])
+
+
+def test_bad_video_files(tmp_path, monkeypatch):
+    """Each bad file: a DataError naming the file and saying why (sample.py prints it as one line; training
+    skips the record and counts it)."""
+    av = pytest.importorskip("av", reason="reading and writing video files needs PyAV: pip install av")
+    good = write_video(tmp_path / "good.mp4", n=30)
+    raw = open(good, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(raw[:len(raw) // 2])  # the index (moov) is written last: gone
+    fast = str(tmp_path / "fast.mp4")  # the index first, then half the frames' data
+    with av.open(good) as src, av.open(fast, "w", options={"movflags": "faststart"}) as dst:
+        s = dst.add_stream_from_template(src.streams.video[0])
+        for p in src.demux(src.streams.video[0]):
+            if p.dts is not None:
+                p.stream = s
+                dst.mux(p)
+    raw = open(fast, "rb").read()
+    (tmp_path / "fast_cut.mp4").write_bytes(raw[:len(raw) * 2 // 3])
+    with av.open(str(tmp_path / "audio.m4a"), "w") as c:  # a voice memo: AAC only
+        s = c.add_stream("aac", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate = 8000
+        c.mux(s.encode(f))
+        c.mux(s.encode())
+    raw = open(write_video(tmp_path / "ok.mp4"), "rb").read()
+    assert raw.count(b"avc1") == 2  # the brand and the sample entry's codec: a codec no FFmpeg knows
+    (tmp_path / "unknown.mp4").write_bytes(raw.replace(b"avc1", b"qqq1"))
+    (tmp_path / "text.mp4").write_text("not a video\n" * 10)
+    (tmp_path / "empty.webm").write_bytes(b"")
+    cases = {"cut.mp4": "not a video, or truncated", "fast_cut.mp4": "truncated", "audio.m4a":
+             "no video stream (audio only)", "unknown.mp4": "unknown video codec", "text.mp4": "not a video",
+             "empty.webm": "empty file", "gone.mp4": "no such file"}
+    for name, why in cases.items():
+        with pytest.raises(DataError) as e:
+            data.load_video(str(tmp_path / name), 8)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}: ") and why in msg and "\n" not in msg, (name, msg)
+    monkeypatch.setattr(data, "MAX_DECODE_PIXELS", 3000)  # 64x48 = 3072 px: over, refused before decoding
+    with pytest.raises(DataError, match=r"good\.mp4: decompression bomb \(64x48 px is over the 3000 px limit\)"):
+        data.load_video(good, 8)
+
+
+def test_video_file_without_pyav(tmp_path, monkeypatch):
+    """Without PyAV a video file is one line saying `pip install av` (its own skip reason in training); GIFs,
+    frame folders and images still work, and data.py imports without it."""
+    import subprocess
+    import sys
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with pytest.raises(DataError, match=r"clip\.mp4: reading a video file needs PyAV: pip install av") as e:
+        data.load_video(str(tmp_path / "clip.mp4"), 8)
+    assert "pip install av" in e.value.reason
+    frames = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(4)]
+    frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert len(data.load_video(str(tmp_path / "v.gif"), 2)[0]) == 2
+    code = "import sys; sys.modules['av'] = None; import data, sample, train; print('ok')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.stdout == "ok\n", p.stderr
+
+
 # ---- conversations and packing
 
 
@@ -684,3 +844,23 @@ def test_skips_are_reported_per_reason(tmp_path):
     again = data.PackedLoader(ds, batch_size=2, max_seq_len=256)
     again.load_state_dict(loader.state_dict())
     assert again.skips == loader.skips and again.skipped == loader.skipped == again.bad + again.too_long
+
+
+def test_jsonl_video_file_records(tmp_path):
+    """A JSONL `video` record may name an mp4: its frames and the timed text go into the sample; a truncated
+    or audio-only one is skipped and counted, the report naming the record's line and the file."""
+    write_video(tmp_path / "clip.mp4")
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes()[:300])
+    conv = [{"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "right"}]
+    p = tmp_path / "v.jsonl"
+    p.write_text("".join(json.dumps({"video": v, "conversations": conv}) + "\n" for v in ("clip.mp4", "cut.mp4")))
+    enc = data.get_tokenizer("bytes")
+    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), enc=enc, video_frames=4)
+    s = ds[0]  # the toy's frames 2, 7, 12, 17 of 20 at 10 fps; 64x48 at 4096 px -> 64x64, 2x2 tokens each
+    assert len(s["images"]) == 4 and all(im.shape == (3, 64, 64) for im in s["images"])
+    text = enc.decode(s["input_ids"]).replace("<IMG_CONTEXT>" * 4, "")
+    assert ("The time range of this video is [00:00-00:02], and the following is a series of 4 frames sampled at "
+            "2 FPS.\n[00:00.20]:<img></img>\n[00:00.70]:<img></img>\n[00:01.20]:<img></img>\n"
+            "[00:01.70]:<img></img>\n\nWhich way?") in text
+    assert ds[1] is None and ds.last_reason == "unusable image or video"
+    assert ds.last_error.startswith(f"{p}:2: {tmp_path / 'cut.mp4'}: not a video, or truncated"), ds.last_error

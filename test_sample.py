@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import sample
 from neo import NEO, NEOConfig
+from test_data import write_video  # a small mp4/webm written with PyAV (skips the test without it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASED = os.path.join(HERE, "assets", "neo_official_tiny")  # saved by the authors' own code
@@ -131,6 +132,17 @@ def test_gif_video(w):
     ok(run("--init_from", "ours", "--video", "clip.gif", "--num_frames=3", "--max_new_tokens=4", cwd=w))
 
 
+def test_mp4_video(w, tmp_path):
+    """A video file: --video clip.mp4 --num_frames 8 answers on our toy model; its 8 frames (64x48 -> 64x64,
+    2x2 tokens each) are in the prompt."""
+    clip = write_video(tmp_path / "clip.mp4")
+    p = ok(run("--init_from", "ours", "--video", clip, "--num_frames", "8", "--max_new_tokens=4", cwd=w))
+    stamps = [0.1, 0.3, 0.6, 0.8, 1.1, 1.3, 1.6, 1.8]  # the toy's frames of 20: int((i + 0.5) * 2.5) = 1, 3, 6, 8, ...
+    msgs = sample.build_messages("Describe the video.", 0, stamps, 2.0, "shapes", "")
+    n = len(data.build_prompt(data.get_tokenizer("bytes"), msgs, [torch.zeros(3, 64, 64)] * 8)["input_ids"])
+    assert f"prompt {n} tokens" in p.stderr and len(p.stdout) > 1
+
+
 def test_show_attention_png_has_image_size(w):
     """--show_attention writes the image at its original size with the heatmap drawn over it."""
     out = w / "attn.png"
@@ -206,6 +218,37 @@ def test_dry_run_prints_the_authors_prompt(w, capsys, preset, folder, expected):
         out = capsys.readouterr()
         assert out.out == expected[case], (preset, case)
         assert out.err.startswith(f"preset {preset}: ") and len(out.err.splitlines()) == 1
+
+
+def test_dry_run_video_file_as_neo_ov(w, capsys, tmp_path):
+    """An mp4 on a released NEO1_5-style folder (preset auto -> neo-ov): the time line, then "[MM:SS.ss]:" and
+    one span per frame, as VLMEvalKit_ov's video datasets build them. 20 frames at 10 fps (2.0 s), 64x48 px each:
+    4..225 tokens per frame keeps 64x64, 2x2 tokens. --num_frames 4: frames int(i * 20 / 5) = 4, 8, 12, 16;
+    --video_fps 3: every 10 / 3 = 3.33rd frame while int(2.0 * 3) = 6 <= 8: 0, 3, 6, 10, 13, 16."""
+    clip = write_video(tmp_path / "clip.mp4")
+    for flags, stamps, rate in ((["--num_frames", "4"], ("00:00.40", "00:00.80", "00:01.20", "00:01.60"), "2.0"),
+                                (["--video_fps", "3"], ("00:00.00", "00:00.30", "00:00.60", "00:01.00", "00:01.30",
+                                                        "00:01.60"), "3.0")):
+        sample.main(["--init_from", str(w / "next_cfg"), "--video", clip, "--prompt", "Q?", "--dry_run", *flags])
+        out = capsys.readouterr()
+        assert out.out == chat(f"The time range of this video is [00:00-00:02], and the following is a series of "
+                               f"{len(stamps)} frames sampled at {rate} FPS.\n" +
+                               "".join(f"[{t}]:{span(4)}\n" for t in stamps) + "Q?", "Reason step by step.")
+        assert out.err.startswith("preset neo-ov: ")
+
+
+def test_video_file_errors_are_one_line(w, tmp_path, monkeypatch):
+    """Any video file without PyAV, and a file that is not a video: one line naming the file, exit 1."""
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "av", None)  # as if PyAV were not installed: `import av` fails
+        with pytest.raises(sample.SampleError, match=r"clip\.webm: reading a video file needs PyAV: pip install av"):
+            sample.main(["--init_from", str(w / "ours"), "--video", str(tmp_path / "clip.webm"), "--dry_run"])
+    pytest.importorskip("av", reason="reading video files needs PyAV: pip install av")
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    p = run("--init_from", "ours", "--video", str(tmp_path / "notes.mp4"), cwd=w)
+    err = p.stderr.strip()
+    assert p.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"sample.py: {tmp_path / 'notes.mp4'}: not a video") and "--video takes a video file" in err
 
 
 def test_preset_follows_the_folder_and_flags_override(w, capsys):

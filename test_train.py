@@ -384,6 +384,25 @@ def test_unusable_jsonl_stops_with_its_reasons(tmp_path, neo_folder):
         f"{mixed}:3" in report, out[-2000:]
 
 
+def test_jsonl_with_video_files_trains(tmp_path, neo_folder):
+    """A JSONL whose `video` records name an mp4 and a webm trains a step on their frames; a truncated mp4 in it
+    is skipped, and the stage's report counts it with its line and the file's name."""
+    from test_data import write_video  # PyAV writes them (the test skips without it)
+    write_video(tmp_path / "a.mp4")
+    write_video(tmp_path / "b.webm", size=(37, 23))
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "a.mp4").read_bytes()[:300])
+    conv = [{"from": "human", "value": "<video>\nWhich way does the square move?"}, {"from": "gpt", "value": "right"}]
+    p = tmp_path / "v.jsonl"
+    p.write_text("".join(json.dumps({"video": v, "conversations": conv}) + "\n" for v in ("a.mp4", "b.webm",
+                                                                                        "cut.mp4")))
+    out = run(TINY + ["--stage=sft", "--max_iters=1", "--max_seq_len=512", f"--init_from={neo_folder}",
+                      f"--data={p}", f"--image_root={tmp_path}", f"--out_dir={tmp_path / 'o'}"]).stdout
+    assert len(losses(tmp_path / "o")) == 1
+    report = out[out.index("[sft] skipped"):]
+    assert "unusable image or video" in report and f"{p}:3: {tmp_path / 'cut.mp4'}: not a video, or truncated" \
+        in report, out[-2000:]
+
+
 def test_resume_uses_the_runs_own_config(tmp_path, neo_folder):
     """--resume=True alone continues with the run's own flags, not the defaults (it used to go on to step 1440 at
     batch 8); a flag that would change the run is refused with one line naming it; a safe one is taken."""
