@@ -367,6 +367,72 @@ GENERATORS = {"caption": gen_caption, "caption_rows": gen_caption_rows, "color":
               "text": gen_text}
 
 
+# -----------------------------------------------------------------------------
+# Probe families (ablate.py): where the paper's position claims predict a difference. Canvases of 2-8 token cells a
+# side, chosen independently, so a grid row has a different number of tokens in almost every image: under 1D-RoPE
+# "same column" and "one row down" are offsets that change with the width; under Native-RoPE they are the w and h
+# indices themselves. The predictions, written before the first run, are in EXPERIMENTS.md ("The probe ablation").
+PROBE_CELLS = range(2, 9)
+
+
+def at(o, cx, cy):
+    o["x"], o["y"] = cx * CELL + CELL // 2, cy * CELL + CELL // 2
+    return o
+
+
+def probe_canvas(rng, lo=2):
+    return rng.choice([c for c in PROBE_CELLS if c >= lo]), rng.choice([c for c in PROBE_CELLS if c >= lo])
+
+
+def gen_where(rng):
+    """'Where is the shape?' -> top left | top right | bottom left | bottom right; never a middle row or column."""
+    w, h = probe_canvas(rng)
+    cx = rng.choice([c for c in range(w) if 2 * c + 1 != w])
+    cy = rng.choice([c for c in range(h) if 2 * c + 1 != h])
+    o = at(new_objects(rng, 1)[0], cx, cy)
+    ans = ("top" if 2 * cy < h else "bottom") + " " + ("left" if 2 * cx < w else "right")
+    return [draw(w * CELL, h * CELL, [o])], [("<image>Where is the shape?", ans)]
+
+
+def gen_far(rng, axis):
+    """A relation between two shapes in different rows and different columns of a 3-8 x 3-8 canvas."""
+    w, h = probe_canvas(rng, lo=3)
+    a, b = new_objects(rng, 2, distinct_shapes=True)
+    cells = [(x, y) for x in range(w) for y in range(h)]
+    (ax, ay) = rng.choice(cells)
+    (bx, by) = rng.choice([(x, y) for x, y in cells if x != ax and y != ay])
+    q, ans = spatial_qa(at(a, ax, ay), at(b, bx, by), axis)
+    return [draw(w * CELL, h * CELL, [a, b])], [("<image>" + q, ans)]
+
+
+def gen_move(rng):
+    """Three frames of 3-5 x 3-5 cells, one shape moving one cell a frame: left | right | up | down."""
+    w, h, d, obj = rng.randint(3, 5), rng.randint(3, 5), rng.choice(DIRS), new_objects(rng, 1)[0]
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[d]
+    start = lambda n, step: rng.randrange(2, n) if step < 0 else rng.randrange(n - 2) if step > 0 else rng.randrange(n)
+    x0, y0 = start(w, dx), start(h, dy)
+    frames = [draw(w * CELL, h * CELL, [at(dict(obj), x0 + i * dx, y0 + i * dy)]) for i in range(3)]
+    return frames, [(video_prompt([0, 1, 2], 3) + "Which way does the shape move?", d)]
+
+
+def gen_color_big(rng):
+    """The control: 'What color is the circle?' on the same canvases; no position needed."""
+    w, h = probe_canvas(rng)
+    objs = new_objects(rng, rng.randint(1, 3), distinct_shapes=True)
+    for o, (x, y) in zip(objs, rng.sample([(x, y) for x in range(w) for y in range(h)], len(objs))):
+        at(o, x, y)
+    return [draw(w * CELL, h * CELL, objs)], [(f"<image>What color is the {objs[0]['shape']}?", objs[0]["color"])]
+
+
+PROBE_FAMILIES = {"where": (("top left", "top right", "bottom left", "bottom right"), 1 / 4),
+                  "lr_far": (("left", "right"), 1 / 2), "ab_far": (("above", "below"), 1 / 2),
+                  "move": (DIRS, 1 / 4), "color_big": (tuple(COLORS), 1 / 4)}
+PROBE_CONTROLS = ("color_big",)
+CHANCE.update({f: c for f, (_, c) in PROBE_FAMILIES.items()})
+GENERATORS.update(where=gen_where, lr_far=lambda rng: gen_far(rng, "lr"), ab_far=lambda rng: gen_far(rng, "ab"),
+                  move=gen_move, color_big=gen_color_big)
+
+
 class ShapesWorld:
     """Deterministic, indexable, endless: sample i of (stage, split, seed) is always the same sample.
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import shapes
 import train
 from neo import NEO, set_trainable
 from test_neo import TINY_MODEL, tiny_cfg  # the tests' model size, one place
@@ -301,23 +302,47 @@ def test_bench_runs():
     assert "tok/s" in p.stdout and "GFLOP/s" in p.stdout
 
 
-def test_ablation_table(tmp_path):
-    """--ablate=True: one llm stage, then every ABLATIONS row from it with its switches applied, and a table
-    with a row per setting plus the blind row, one column per family."""
+def test_ablation_runs_each_setting(tmp_path, monkeypatch):
+    """ablate.py: the llm stage once per seed, then each setting from it with its switches really applied."""
+    import ablate
+    settings = [ablate.SETTINGS[0], ablate.SETTINGS[1], ablate.SETTINGS[4]]  # NEO, 1D-RoPE, no Pre-Buffer
+    monkeypatch.setattr(ablate, "SETTINGS", settings)
     out = tmp_path / "abl"
-    args = [a for a in TINY if not a.startswith("--eval_samples")]
-    run(args + ["--ablate=True", "--max_iters=1", "--eval_samples=1", f"--out_dir={out}"])
-    info = json.load(open(out / "ablation" / "ablation.json"))
-    names = [r["name"] for r in info["rows"]]
-    assert names == [a[0] for a in train.ABLATIONS] + ["blind (NEO, images = noise)"]
-    for i, (_, over, _) in enumerate(train.ABLATIONS):  # each row's model really had its switches
-        cfg = json.load(open(out / "ablation" / f"run{i}" / "final" / "config.json"))
+    args = [a for a in TINY if not a.startswith(("--eval_samples", "--threads"))]
+    ablate.main([f"--out_dir={out}", "--seeds=1", "--jobs=2", "--eval_samples=1", "--max_iters=1", *args])
+    for i, (_, over, _) in enumerate(settings):
+        cfg = json.load(open(out / f"run{i}_1337" / "final" / "config.json"))
         llm, ours = cfg["llm_config"], cfg["nano_neo"]
         want = {"rope": "native", "mask": "mixed", "rope_theta_hw": 1e4, "n_pre_layers": 1, **over}
         assert (ours["rope"], ours["mask"], llm["rope_theta_hw"], llm["extra_num_layers"]) == \
             (want["rope"], want["mask"], want["rope_theta_hw"], want["n_pre_layers"]), (i, cfg)
-    md = open(out / "ablation" / "ablation.md").read().splitlines()
-    assert len(md) == 2 + len(names) and md[0].count("|") == len(info["rows"][0]["accuracy"]) + 4
+    ev = json.load(open(out / "run0_1337" / "eval.json"))
+    assert set(shapes.PROBE_FAMILIES) <= set(ev["accuracy"]) and "blind_accuracy" in ev  # probes scored, blind too
+    md = open(out / "ablation.md").read().splitlines()
+    assert [r.split(" | ")[0] for r in md[2:2 + len(settings) + 2]] == \
+        [f"| {s[0]}" for s in settings] + ["| blind (NEO's models, images = noise)", "| chance"]
+
+
+def test_ablation_table_statistics(tmp_path, monkeypatch):
+    """The table's cells are mean ± sample sd over seeds, worked out by hand here, and the means per seed."""
+    import ablate
+    monkeypatch.setattr(ablate, "SETTINGS", [("A", {}, 44.0), ("B", {"rope": "1d"}, None)])
+    fams = ["color", "where", "lr_far", "ab_far", "move", "color_big"]
+    acc = {(0, 1): [0.5, 0.25, 0.5, 0.5, 0.25, 1.0], (0, 2): [1.0, 0.75, 1.0, 0.5, 0.75, 1.0],
+           (1, 1): [0.0] * 6, (1, 2): [0.5] * 6}
+    results = {k: {"accuracy": dict(zip(fams, v)), "blind_accuracy": dict(zip(fams, [0.25] * 6))}
+               for k, v in acc.items()}
+    info = ablate.write_table(str(tmp_path), dict(ablate.OPTIONS), [1, 2], results, 1.0)
+    a = info["rows"][0]
+    assert a["per_family"]["color"] == pytest.approx((75.0, 35.3553), abs=1e-3)  # 50, 100: sd = 50/sqrt(2)
+    assert a["per_family"]["ab_far"] == pytest.approx((50.0, 0.0))
+    # position probes (where, lr_far, ab_far, move) per seed: 37.5 and 75 -> 56.25 ± 26.517
+    assert a["mean_position"] == pytest.approx((56.25, 26.5165), abs=1e-3)
+    # every family per seed: 3/6 = 50 and 5/6 = 83.33 -> 66.67 ± 23.570
+    assert a["mean_visual"] == pytest.approx((66.6667, 23.5702), abs=1e-3)
+    md = open(tmp_path / "ablation.md").read()
+    assert "| A | 75 ± 35 | 50 ± 35 | 75 ± 35 | 50 ± 0 | 50 ± 35 | 100 ± 0 | 66.7 ± 23.6 | 56.2 ± 26.5 | 44.0 |" in md
+    assert "| B | 25 ± 35 |" in md and "| chance | 25 | 25 | 50 | 50 | 25 | 25 |" in md
 
 
 # ---- what a hostile or clumsy user runs into: one line and a non-zero exit, never a lost run

@@ -1,14 +1,14 @@
 """
 Train NEO: the paper's stages (DESIGN.md §6), on a CPU for the toy or on many GPUs at full scale.
 One flat file, read top to bottom: the config, each stage's recipe, one stage (setup, the training loop that every
-stage runs through, finish), main; then data and evaluation, setup, bench, helpers and the ablation.
+stage runs through, finish), main; then data and evaluation, setup, bench and helpers. The design-choice
+ablation (the paper's Table 3) is ablate.py.
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~10-14 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --iters_scale=4 --spatial_curriculum=True  # the long run: spatial relations too (~56 min)
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
     python train.py --bench=True                      # tokens/s and achieved FLOP/s / measured peak
-    python train.py --ablate=True --iters_scale=0.25  # Native-RoPE / mixed mask / Pre-Buffer ablation table
     python train.py my_config.py --learning_rate=1e-3 # a config file first, then overrides
     torchrun --standalone --nproc_per_node=8 train.py --stage=pretrain --model=neo-2b \\
         --init_from=/path/Qwen3-1.7B-Base --data=ann.jsonl --image_root=/path/images
@@ -59,7 +59,7 @@ class TrainConfig:
     image_root: str = ""          # folder the JSONL's image paths are relative to
     tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'shapes' (toy)
     num_workers: int = 0          # loader worker processes
-    # model shape and the ablation switches (ABLATIONS); -1 = the preset's value
+    # model shape and the ablation switches (ablate.py); -1 = the preset's value
     d_model: int = -1
     n_layer: int = -1
     n_pre_layers: int = -1
@@ -106,9 +106,10 @@ class TrainConfig:
     eval_batch: int = 64          # prompts generated together
     blind: bool = True            # after the last stage, also evaluate with images replaced by noise
     eval_every_stage: bool = True # False: evaluate only after the last stage (the ablation's setting)
+    probe_weight: float = 0.0     # > 0: ShapesWorld's probe families (shapes.PROBE_FAMILIES) join the midtrain and sft
+    #                               mixtures at this weight each and the evaluation (ablate.py)
     resume: bool = False          # continue from out_dir/ckpt.pt (same config)
     bench: bool = False           # measure tokens/s and FLOP/s on the toy, then exit
-    ablate: bool = False          # the design-choice ablation (see ABLATIONS), then exit
     kill_at: int = 0              # tests: stop dead right after this step, as a crash would (0 = never)
 
 
@@ -240,7 +241,9 @@ def check_config(cfg):
               ("n_pre_layers", cfg.n_pre_layers >= -1, ">= 0, or -1 (the preset's)"),
               *map(preset, ("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "vision_dim")),
               ("spatial_curriculum", not cfg.spatial_curriculum or (cfg.model == "toy" and cfg.data == "shapes"),
-               "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)")]
+               "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)"),
+              ("probe_weight", cfg.probe_weight == 0 or (cfg.probe_weight > 0 and cfg.data == "shapes"),
+               ">= 0, and 0 unless --data=shapes (they are ShapesWorld families)")]
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
@@ -582,6 +585,8 @@ def evaluate_stage(cfg, stage, model, enc, device, ctx, state, blind):
     t0 = time.perf_counter()
     # what each stage taught: llm the text family, pretrain captions; then every family
     families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
+    if families is None and cfg.probe_weight > 0:
+        families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
     if state["cores"]:
         state["cores"].update()
     acc = evaluate_or_warn(model, enc, cfg, device, ctx, families=families)
@@ -643,7 +648,7 @@ def main(argv=None):
             print(f"  --{f.name}={getattr(TrainConfig, f.name)}")
         return None
     cfg = parse_config(argv)
-    if cfg.bench or cfg.ablate:  # bench writes nothing; the ablation's runs lock their own folders
+    if cfg.bench:  # bench writes nothing
         return run(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with checkpoint.out_dir_lock(cfg.out_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
@@ -659,7 +664,7 @@ def main(argv=None):
 
 
 def run(cfg, argv, ck=None):
-    """Set up processes, device and precision, then bench, ablate, or train the stages (from ck: resume)."""
+    """Set up processes, device and precision, then bench or train the stages (from ck: resume)."""
     env = setup_distributed(cfg)
     ddp, rank, local_rank, world, device = env
     if cfg.threads:
@@ -679,8 +684,6 @@ def run(cfg, argv, ck=None):
     cfg.compile = cfg.compile and compile_works(device)
     if cfg.bench:
         return bench(cfg, env)
-    if cfg.ablate:
-        return ablate(cfg, argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
     order = PAPER_ORDER if cfg.model != "toy" else [s for s in ORDER if s != "spatial" or cfg.spatial_curriculum]
     stages = order if cfg.stage == "all" else [cfg.stage]
@@ -772,12 +775,20 @@ def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
     if cfg.data == "shapes":
         source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
                                     max_pixels=mcfg.max_pixels, seed=seed,
-                                    extra=shapes.SPATIAL_CURRICULUM.get(stage) if cfg.spatial_curriculum else None)
+                                    extra=extra_weights(cfg, stage))
     else:
         source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
                                    max_pixels=mcfg.max_pixels, stage=stage)
     return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, rank=rank,
                              world_size=world, seed=seed, num_workers=cfg.num_workers)
+
+
+def extra_weights(cfg, stage):
+    """Weights added to a ShapesWorld stage mixture: the spatial curriculum's, the probe families'."""
+    extra = dict(shapes.SPATIAL_CURRICULUM.get(stage, {})) if cfg.spatial_curriculum else {}
+    if cfg.probe_weight > 0 and stage in ("midtrain", "sft"):
+        extra.update({f: cfg.probe_weight for f in shapes.PROBE_FAMILIES})
+    return extra or None
 
 
 def to_device(batch, device):
@@ -1144,64 +1155,6 @@ def draw_loss_curve(history, path):
     d.text((W // 2 - 60, H - m + 15), "step (all stages)", fill="black")
     d.text((m, 15), "training loss (square-weighted CE)", fill="black")
     im.save(path)
-
-
-# -----------------------------------------------------------------------------
-# Ablation: the paper's Table 3 design choices, each on the same toy budget and seed
-
-# (name, overrides, the paper's 10-benchmark average for that row (Table 3; None: not in the table))
-ABLATIONS = [
-    ("NEO: Native-RoPE + mixed mask", {}, 44.0),
-    ("Native-RoPE + causal mask", {"mask": "causal"}, 40.3),
-    ("1D-RoPE + mixed mask", {"rope": "1d"}, 39.8),
-    ("1D-RoPE + causal mask", {"rope": "1d", "mask": "causal"}, 39.1),
-    ("Native-RoPE, H/W base 1e6", {"rope_theta_hw": 1e6}, 42.0),
-    ("no Pre-Buffer (0 layers)", {"n_pre_layers": 0}, None),
-]
-
-
-def ablate(cfg, argv):
-    """python train.py --ablate=True [--iters_scale=0.5 ...]: the toy llm stage once (text only, so the same
-    for every row), then pretrain -> midtrain -> sft once per row of ABLATIONS from it, same seed and budget.
-    Writes out_dir/ablation/ablation.{md,json}: held-out exact match per family, plus a blind row."""
-    root = os.path.join(cfg.out_dir, "ablation")
-    keep = [a for a in argv if not a.startswith(("--ablate=", "--out_dir=", "--stage=", "--init_from=", "--blind=",
-                                                 "--eval_every_stage="))]
-    t0 = time.perf_counter()
-    main(keep + [f"--out_dir={root}/llm", "--stage=llm", "--blind=False"])
-    rows, blind = [], None
-    for i, (name, over, paper) in enumerate(ABLATIONS):
-        print0(f"\n===== ablation {i + 1}/{len(ABLATIONS)}: {name}")
-        t1 = time.perf_counter()
-        st = main(keep + [f"--out_dir={root}/run{i}", f"--init_from={root}/llm/llm", f"--blind={i == 0}",
-                          "--eval_every_stage=False"] +
-                  [f"--{k}={v}" for k, v in over.items()])
-        last = st["evals"][-1]
-        rows.append(dict(name=name, overrides=over, paper=paper, accuracy=last["accuracy"],
-                         minutes=round((time.perf_counter() - t1) / 60, 1)))
-        if "blind_accuracy" in last:
-            blind = dict(name="blind (NEO, images = noise)", overrides={}, paper=None,
-                         accuracy=last["blind_accuracy"], minutes=0)
-    if blind:
-        rows.append(blind)
-    fams = [f for f in shapes.FAMILIES if f in rows[0]["accuracy"]]
-    vis = [f for f in fams if f != "text"]
-    for r in rows:
-        r["mean_visual"] = sum(r["accuracy"][f] for f in vis) / len(vis)
-    head = "| setting | " + " | ".join(fams) + " | mean (visual) | paper Table 3 avg |"
-    lines = [head, "|" + "---|" * (len(fams) + 3)]
-    for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * r['accuracy'][f]:.0f}" for f in fams) +
-                     f" | {100 * r['mean_visual']:.1f} | {r['paper'] if r['paper'] is not None else '-'} |")
-    md = "\n".join(lines) + "\n"
-    info = dict(command="python train.py " + " ".join(argv), minutes=round((time.perf_counter() - t0) / 60, 1),
-                threads=torch.get_num_threads(), rows=rows)
-    with open(os.path.join(root, "ablation.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(root, "ablation.md"), "w") as f:
-        f.write(md)
-    print0("\n" + md + f"({info['minutes']} min; {root}/ablation.md, ablation.json)")
-    return info
 
 
 if __name__ == "__main__":
