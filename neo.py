@@ -29,7 +29,7 @@ IGNORE_INDEX = -100  # the one "no loss here" value, in targets everywhere
 @dataclass
 class NEOConfig:
     # language model (Qwen3 names in comments)
-    vocab_size: int = 576            # the toy "shapes" tokenizer (data.py): 545 ids, padded to a multiple of 64
+    vocab_size: int = 576            # the toy "shapes" tokenizer (data.py): 561 ids, padded to a multiple of 64
     d_model: int = 256               # hidden_size
     n_layer: int = 4                 # Post-LLM layers: the pretrained LLM's own
     n_pre_layers: int = 2            # Pre-Buffer layers: new, in front of the LLM
