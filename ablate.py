@@ -3,8 +3,8 @@ The paper's Table 3 at toy scale: does each of NEO's design choices change what 
 run-to-run spread? Every setting is trained with the same budget and seeds, and scored on ShapesWorld's families
 plus the probe families (shapes.PROBE_FAMILIES), which ask about position on canvases of 2-8 token cells a side.
 
-    python ablate.py                           # 6 settings x 3 seeds (~65 min on 2 CPU cores)
-    python ablate.py --seeds=1 --iters_scale=0.05 --eval_samples=20   # a smoke test (~5 min)
+    python ablate.py                           # 6 settings x 3 seeds (75 min on a 2-core AMD EPYC, shared)
+    python ablate.py --seeds=2 --max_iters=2 --eval_samples=2 --compile=False   # a smoke test (2.6 min)
     python ablate.py --jobs=1                  # one run at a time (default: one per core, 1 thread each)
 
 Per seed, the toy llm stage runs once (text only: the same for every setting). Then per setting, pretrain ->
