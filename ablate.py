@@ -21,6 +21,7 @@ import sys
 import time
 
 import shapes
+import train
 
 # (setting, train.py switches, the paper's Table 3 average over its benchmarks; None where it has no such row)
 SETTINGS = [
@@ -37,23 +38,19 @@ OPTIONS = dict(out_dir="out/ablation", seeds=3, jobs=os.cpu_count() or 1, iters_
 
 
 def parse(argv):
+    """--key=value: OPTIONS here; the rest go to every train.py run, and train.py's own parser checks them all
+    now (a typo is one line at once, not a failed run's log an hour later)."""
     opts, rest = dict(OPTIONS), []
     for a in argv:
         k, eq, v = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or not eq:
-            raise SystemExit(f"ablate.py: expected --key=value, got {a!r}")
-        if k in opts:
-            try:
-                opts[k] = type(OPTIONS[k])(v)
-            except ValueError:
-                raise SystemExit(f"ablate.py: --{k}={v} is not a {type(OPTIONS[k]).__name__}")
+        if a.startswith("--") and eq and k in OPTIONS:
+            opts[k] = train.coerce(k, v, OPTIONS[k])
         else:
-            rest.append(a)  # train.py checks these itself
+            rest.append(a)
     for k in ("seeds", "jobs", "eval_samples"):
         if opts[k] < 1:
-            raise SystemExit(f"ablate.py: --{k} must be at least 1, got {opts[k]}")
-    if not 0 < opts["iters_scale"] <= 10 or opts["probe_weight"] < 0:
-        raise SystemExit("ablate.py: --iters_scale must be in (0, 10] and --probe_weight >= 0")
+            raise train.ConfigError(f"--{k} must be at least 1, got {opts[k]}")
+    train.parse_config([*rest, *(f"--{k}={opts[k]}" for k in ("iters_scale", "probe_weight", "eval_samples"))])
     return opts, rest
 
 
@@ -64,9 +61,9 @@ def run_all(jobs, n_parallel):
         while todo and len(running) < n_parallel:
             name, folder, args = todo.pop(0)
             os.makedirs(folder, exist_ok=True)
-            log = open(os.path.join(folder, "log.txt"), "w")
-            p = subprocess.Popen([sys.executable, TRAIN, *args, f"--out_dir={folder}", "--threads=1"],
-                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            with open(os.path.join(folder, "log.txt"), "w") as log:  # the child keeps its own copy
+                p = subprocess.Popen([sys.executable, TRAIN, *args, f"--out_dir={folder}", "--threads=1"],
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
             running.append((name, folder, p, time.perf_counter()))
         time.sleep(0.5)
         for r in [r for r in running if r[2].poll() is not None]:
@@ -80,7 +77,10 @@ def run_all(jobs, n_parallel):
 
 
 def main(argv=None):
-    opts, rest = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        opts, rest = parse(sys.argv[1:] if argv is None else argv)
+    except train.ConfigError as e:
+        raise SystemExit(f"ablate.py: {e}") from None
     root, t0 = opts["out_dir"], time.perf_counter()
     seeds = [1337 + k for k in range(opts["seeds"])]
     common = [f"--eval_samples={opts['eval_samples']}", *rest]
