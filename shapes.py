@@ -81,6 +81,12 @@ def new_objects(rng, n, distinct_shapes=False, distinct_colors=False):
     return [dict(shape=s, color=c, size=rng.choice(list(SIZES))) for s, c in zip(shapes, colors)]
 
 
+def at(o, cx, cy):
+    """Put object o at the centre of token cell (cx, cy)."""
+    o["x"], o["y"] = cx * CELL + CELL // 2, cy * CELL + CELL // 2
+    return o
+
+
 def place(rng, objs, W, H, min_dx=0):
     """Put each object at the centre of its own random 32-px cell of the token grid; False if they do not fit.
     Toy simplification (a deviation from natural images): one object per visual token, so a few-M-parameter
@@ -97,7 +103,7 @@ def place(rng, objs, W, H, min_dx=0):
             return False
         cells.pop(k)
         used_cols.add(cx)
-        o["x"], o["y"] = cx * CELL + CELL // 2, cy * CELL + CELL // 2
+        at(o, cx, cy)
     return True
 
 
@@ -373,11 +379,6 @@ GENERATORS = {"caption": gen_caption, "caption_rows": gen_caption_rows, "color":
 # "same column" and "one row down" are offsets that change with the width; under Native-RoPE they are the w and h
 # indices themselves. The predictions, written before the first run, are in EXPERIMENTS.md ("The probe ablation").
 PROBE_CELLS = range(2, 9)
-
-
-def at(o, cx, cy):
-    o["x"], o["y"] = cx * CELL + CELL // 2, cy * CELL + CELL // 2
-    return o
 
 
 def probe_canvas(rng, lo=2):
