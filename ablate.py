@@ -4,7 +4,7 @@ run-to-run spread? Every setting is trained with the same budget and seeds, and 
 plus the probe families (shapes.PROBE_FAMILIES), which ask about position on canvases of 2-8 token cells a side.
 
     python ablate.py                           # 6 settings x 3 seeds (75 min on a 2-core AMD EPYC, shared)
-    python ablate.py --seeds=2 --max_iters=2 --eval_samples=2 --compile=False   # a smoke test (2.6 min)
+    python ablate.py --seeds=2 --max_iters=2 --eval_samples=2 --compile=False   # a smoke test (1.8 min)
     python ablate.py --jobs=1                  # one run at a time (default: one per core, 1 thread each)
 
 Per seed, the toy llm stage runs once (text only: the same for every setting). Then per setting, pretrain ->
@@ -79,8 +79,9 @@ def run_all(jobs, n_parallel):
 def main(argv=None):
     try:
         opts, rest = parse(sys.argv[1:] if argv is None else argv)
-    except train.ConfigError as e:
-        raise SystemExit(f"ablate.py: {e}") from None
+    except train.ConfigError as e:  # as train.py: a bad command line is one line and exit code 2
+        print(f"ablate.py: {e}", file=sys.stderr)
+        sys.exit(2)
     root, t0 = opts["out_dir"], time.perf_counter()
     seeds = [1337 + k for k in range(opts["seeds"])]
     common = [f"--eval_samples={opts['eval_samples']}", *rest]

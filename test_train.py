@@ -324,13 +324,15 @@ def test_ablation_runs_each_setting(tmp_path, monkeypatch):
 
 
 def test_ablation_checks_arguments_first(tmp_path, capsys):
-    """A typo in a train.py key or a bad option is one line before any run starts, not a failed run's log."""
+    """A typo in a train.py key or a bad option is one line and exit code 2 before any run starts, not a failed
+    run's log."""
     import ablate
     for bad, says in (("--learning_rat=1e-3", "unknown key 'learning_rat'"), ("--seeds=0", "--seeds must be at least 1"),
                       ("--iters_scale=-1", "--iters_scale must be > 0"), ("--jobs=two", "--jobs must be an integer")):
         with pytest.raises(SystemExit) as e:
             ablate.main([f"--out_dir={tmp_path}/abl", bad])
-        assert str(e.value).startswith("ablate.py: ") and says in str(e.value), (bad, e.value)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ablate.py: ") and says in err[0], (bad, err)
     assert not (tmp_path / "abl").exists()  # nothing ran
 
 
