@@ -84,7 +84,9 @@ def main(argv=None):
         sys.exit(2)
     root, t0 = opts["out_dir"], time.perf_counter()
     seeds = [1337 + k for k in range(opts["seeds"])]
-    common = [f"--eval_samples={opts['eval_samples']}", *rest]
+    # one-word answers: the probes ask whether positions decide in one pass, not whether the model can write them
+    # out first (train.py --places; a later --places=... on the command line wins)
+    common = ["--places=False", f"--eval_samples={opts['eval_samples']}", *rest]
     print(f"ablate: {len(SETTINGS)} settings x {len(seeds)} seeds, {opts['jobs']} at a time, logs in {root}/")
     run_all([(f"llm, seed {s}", f"{root}/llm_{s}", ["--stage=llm", f"--seed={s}", "--blind=False", *common])
              for s in seeds], opts["jobs"])

@@ -71,6 +71,10 @@ MIXES = {
 # square?") never learns above/below; rows taught by top-to-bottom captions, then those questions alone, then sft
 # with more of them does it. Not the default: at its budget the model does not know rows yet, and captions pay
 # (EXPERIMENTS.md, section 'A spatial curriculum').
+# Places (the default; train.py --places=False leaves them out, as the ablation does): video_dir answers with the
+# shape's cell in the first and the last frame, then the direction ("(2, 0) to (2, 2): down"; see chain()), and
+# pretrain adds captions with each object's cell ("grounding"): weights added to (or replacing) a stage's mixture.
+PLACES = {"pretrain": {"caption": 5, "grounding": 2}, "midtrain": {"video_dir": 0.5}}
 SPATIAL_CURRICULUM = {"pretrain": {"caption_rows": 3}, "midtrain": {"caption_rows": 1},
                       "sft": {"caption_rows": 0.5, "spatial": 1.375, "spatial_yn_two": 1}}
 
@@ -148,10 +152,38 @@ def caption_of(objs):
     return ", ".join(name(o) for o in sorted(objs, key=lambda o: (o["x"], o["y"])))
 
 
+def cell(o):
+    """An object's token cell as '(column, row)', counted from the top left."""
+    return f"({o['x'] // CELL}, {o['y'] // CELL})"
+
+
+def chain(places, answer):
+    """An answer in two steps, the places first: '(2, 0) to (2, 2): down'. Asked for the word alone, the toy
+    learns the direction of motion in some seeds only; it reads one shape's cell reliably, and decides from
+    two cells it has written out (EXPERIMENTS.md, section 'Relations in the default's budget', 'Places first').
+    score() scores the word after ': '."""
+    return f"{places}: {answer}"
+
+
+def final(answer):
+    """The word an answer ends with: all of it, or what follows the places (chain())."""
+    return answer.rsplit(": ", 1)[-1]
+
+
 def gen_caption(rng):
     objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, min_dx=8)  # left-to-right order must be visible
     return [draw(W, H, objs)], [("<image>Describe the image.", caption_of(objs))]
+
+
+def gen_grounding(rng):
+    """Training only: 'Describe the image with positions.' -> 'big red circle at (0, 1), small blue square at (2, 3)':
+    the caption with each object's cell, which also lifts the plain caption in pretrain (EXPERIMENTS.md, section
+    'Relations in the default's budget', 'Places first')."""
+    objs = new_objects(rng, rng.randint(1, 4))
+    W, H = layout(rng, objs, min_dx=8)
+    return [draw(W, H, objs)], [("<image>Describe the image with positions.",
+                                 ", ".join(f"{name(o)} at {cell(o)}" for o in sorted(objs, key=lambda o: o["x"])))]
 
 
 def gen_caption_rows(rng):
@@ -281,11 +313,12 @@ def gen_video_dir(rng):
     n, obj = rng.randint(3, 4), new_objects(rng, 1)[0]  # n square frames of n x n cells: aspect gives nothing away
     S, d = n * CELL, rng.choice(DIRS)
     other = rng.randrange(n) * CELL + CELL // 2
-    frames = []
+    path = []
     for i in range(n):  # one cell further each frame
         p = (i if d in ("right", "down") else n - 1 - i) * CELL + CELL // 2
-        frames.append(draw(S, S, [dict(obj, x=p, y=other) if d in ("left", "right") else dict(obj, x=other, y=p)]))
-    return frames, [(video_prompt(list(range(n)), n) + "Which way does the shape move?", d)]
+        path.append(dict(obj, x=p, y=other) if d in ("left", "right") else dict(obj, x=other, y=p))
+    return [draw(S, S, [o]) for o in path], [(video_prompt(list(range(n)), n) + "Which way does the shape move?",
+                                             chain(f"{cell(path[0])} to {cell(path[-1])}", d))]
 
 
 def gen_video_appear(rng):
@@ -365,7 +398,7 @@ def gen_text(rng):
                  f"first or the second?", "first" if x > y else "second")]
 
 
-GENERATORS = {"caption": gen_caption, "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape,
+GENERATORS = {"caption": gen_caption, "grounding": gen_grounding, "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape,
               "count": gen_count, "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
               "spatial_two": gen_spatial_two, "spatial_yn_two": gen_spatial_yn_two, "size": gen_size,
               "read": gen_read, "multi_count": gen_multi_count, "multi_change": gen_multi_change,
@@ -412,8 +445,9 @@ def gen_move(rng):
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[d]
     start = lambda n, step: rng.randrange(2, n) if step < 0 else rng.randrange(n - 2) if step > 0 else rng.randrange(n)
     x0, y0 = start(w, dx), start(h, dy)
-    frames = [draw(w * CELL, h * CELL, [at(dict(obj), x0 + i * dx, y0 + i * dy)]) for i in range(3)]
-    return frames, [(video_prompt([0, 1, 2], 3) + "Which way does the shape move?", d)]
+    path = [at(dict(obj), x0 + i * dx, y0 + i * dy) for i in range(3)]
+    q = video_prompt([0, 1, 2], 3) + "Which way does the shape move?"
+    return [draw(w * CELL, h * CELL, [o]) for o in path], [(q, chain(f"{cell(path[0])} to {cell(path[-1])}", d))]
 
 
 def gen_color_big(rng):
@@ -442,13 +476,14 @@ class ShapesWorld:
     """
 
     def __init__(self, stage="midtrain", split="train", enc=None, min_pixels=64 * 64, max_pixels=256 * 256, seed=0,
-                 extra=None):
+                 extra=None, places=True):
         assert stage in MIXES, f"stage must be one of {', '.join(MIXES)}, got {stage!r}"
         assert split in ("train", "val"), f"split must be train or val, got {split!r}"
         self.stage, self.split, self.enc = stage, split, enc or get_tokenizer("shapes")
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.seed = VAL_SEED if split == "val" else seed
         self.families, self.weights = zip(*{**MIXES[stage], **(extra or {})}.items())  # extra: added weights
+        self.places = places  # False: every answer is its last word (final()), as before places came first
 
     def __len__(self):
         return 2 ** 31  # endless: the loader draws indices at random
@@ -458,6 +493,8 @@ class ShapesWorld:
         rng = random.Random(f"shapes/{self.seed}/{family}/{i}")  # str seeds hash the same in every process
         family = family or rng.choices(self.families, self.weights)[0]
         images, turns = GENERATORS[family](rng)
+        if not self.places:
+            turns = [(q, final(a)) for q, a in turns]
         return {"family": family, "images": images, "turns": turns}
 
     def encode(self, ex):
@@ -481,10 +518,16 @@ class ShapesWorld:
 
 
 def score(preds):
-    """preds: [(prompt dict with 'family' and 'answer', predicted text)] -> {family: exact-match accuracy}."""
+    """preds: [(prompt dict with 'family' and 'answer', predicted text)] -> {family: exact-match accuracy}. An
+    answer with its places first (chain()) is scored on the word after them, and '<family> (whole)' on all of it."""
     hits = {}
     for p, text in preds:
-        hits.setdefault(p["family"], []).append(text.strip() == p["answer"])
+        f, text, answer = p["family"], text.strip(), p["answer"]
+        if final(answer) == answer:  # a word, or a caption: all of it
+            hits.setdefault(f, []).append(text == answer)
+        else:  # places, then the word
+            hits.setdefault(f, []).append(final(text) == final(answer))
+            hits.setdefault(f + " (whole)", []).append(text == answer)
     return {f: sum(h) / len(h) for f, h in hits.items()}
 
 

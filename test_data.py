@@ -570,7 +570,7 @@ def test_shapes_answers_match_pixels():
         (x0, y0), (x1, y1) = centroid(ex["images"][0]), centroid(ex["images"][-1])
         dx, dy = x1 - x0, y1 - y0
         want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
-        assert want == ex["turns"][0][1] and max(abs(dx), abs(dy)) > 20
+        assert want == shapes.final(ex["turns"][0][1]) and max(abs(dx), abs(dy)) > 20
         ex = w.example(i, "video_appear")
         first = next(k for k, im in enumerate(ex["images"]) if components(im) > 0)
         assert str(first + 1) == ex["turns"][0][1]
@@ -651,6 +651,7 @@ def test_answer_balance():
         by_q, first = {}, []
         for i in range(400):
             q, a = w.example(i, fam)["turns"][0]
+            a = shapes.final(a)  # the word after the places, where they come first
             by_q.setdefault(template(q), []).append(a)
             if fam in ("size", "spatial_pick"):
                 first.append(q.index(a) < q.rindex(" the "))
@@ -689,7 +690,39 @@ def test_stage_mixtures_and_eval():
     again = shapes.ShapesWorld(split="val", enc=enc, seed=123).eval_prompts(3)  # the held-out split ignores the seed
     assert [p["input_ids"] for p in again] == [p["input_ids"] for p in prompts]
     acc = shapes.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
-    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(shapes.FAMILIES)
+    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(shapes.FAMILIES) | {"video_dir (whole)"}
+
+
+def test_places_match_pixels():
+    """video_dir and the move probe name the shape's (column, row) cell in the first and the last frame, as drawn,
+    then the direction; captions with places name every object's cell; places=False leaves the one-word answer
+    and the same images."""
+    w, one = shapes.ShapesWorld(split="val"), shapes.ShapesWorld(split="val", places=False)
+    cells = lambda img: [(int(x) // shapes.CELL, int(y) // shapes.CELL) for _, x, y in shapes_found(img)]
+    said = lambda text: [tuple(map(int, c)) for c in re.findall(r"\((\d), (\d)\)", text)]
+    for i in range(40):
+        for fam in ("video_dir", "move"):
+            ex, word = w.example(i, fam), one.example(i, fam)
+            (q, a), = ex["turns"]
+            assert said(a) == cells(ex["images"][0]) + cells(ex["images"][-1]) and " to " in a, (fam, i, a)
+            assert word["turns"] == [(q, shapes.final(a))] and shapes.final(a) in shapes.DIRS, word["turns"]
+            assert [im.tobytes() for im in word["images"]] == [im.tobytes() for im in ex["images"]]
+        ex = w.example(i, "grounding")
+        (q, a), = ex["turns"]
+        by_x = sorted(shapes_found(ex["images"][0]), key=lambda f: f[1])
+        assert q == "<image>Describe the image with positions."
+        assert said(a) == [(int(x) // shapes.CELL, int(y) // shapes.CELL) for _, x, y in by_x], (i, a)
+        assert [item.split(" at ")[0].split()[-1] for item in a.split("), ")] == [s for s, _, _ in by_x], (i, a)
+
+
+def test_score_reads_the_word_after_the_places():
+    """An answer with places first is scored on the word after them ('<family> (whole)': all of it); any other
+    answer as a whole, so text before a ': ' is never forgiven there."""
+    vd = {"family": "video_dir", "answer": "(2, 0) to (2, 2): down"}
+    cap = {"family": "caption", "answer": "big red circle"}
+    acc = shapes.score([(vd, "(2, 0) to (2, 3): down"), (vd, "down"), (vd, vd["answer"]), (vd, "(2, 0) to (2, 2): up"),
+                        (cap, "x: big red circle")])
+    assert acc == {"video_dir": 0.75, "video_dir (whole)": 0.25, "caption": 0.0}, acc
 
 
 # ---- JSONL datasets

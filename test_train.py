@@ -318,9 +318,21 @@ def test_ablation_runs_each_setting(tmp_path, monkeypatch):
             (want["rope"], want["mask"], want["rope_theta_hw"], want["n_pre_layers"]), (i, cfg)
     ev = json.load(open(out / "run0_1337" / "eval.json"))
     assert set(shapes.PROBE_FAMILIES) <= set(ev["accuracy"]) and "blind_accuracy" in ev  # probes scored, blind too
+    assert not any("(whole)" in k for k in ev["accuracy"])  # one-word answers (--places=False), as the table's runs
     md = open(out / "ablation.md").read().splitlines()
     assert [r.split(" | ")[0] for r in md[2:2 + len(settings) + 2]] == \
         [f"| {s[0]}" for s in settings] + ["| blind (NEO's models, images = noise)", "| chance"]
+
+
+def test_places_by_default():
+    """The default adds captions with places to pretrain and more video_dir to midtrain; --places=False trains
+    the stage mixtures as they are; the spatial curriculum's weights come on top."""
+    on, off = train.TrainConfig(), train.parse_config(["--places=False"])
+    assert train.extra_weights(on, "pretrain")["grounding"] > 0 and train.extra_weights(on, "midtrain")["video_dir"] > 0
+    assert all(train.extra_weights(off, s) is None for s in ("pretrain", "midtrain", "sft"))
+    assert train.extra_weights(on, "llm") is None and train.extra_weights(on, "sft") is None
+    both = train.extra_weights(train.parse_config(["--spatial_curriculum=True"]), "pretrain")
+    assert {"grounding", "caption_rows"} <= set(both)
 
 
 def test_ablation_checks_arguments_first(tmp_path, capsys):

@@ -81,6 +81,9 @@ class TrainConfig:
     #                               full scale 1 (why: see vision_lr_scale())
     spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
     #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why)
+    places: bool = True           # toy: video_dir answers name the first and last cell, then the direction,
+    #                               and pretrain adds captions with cells; False: one word (the ablation's;
+    #                               shapes.PLACES says why)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
@@ -775,7 +778,7 @@ def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
     if cfg.data == "shapes":
         source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
                                     max_pixels=mcfg.max_pixels, seed=seed,
-                                    extra=extra_weights(cfg, stage))
+                                    extra=extra_weights(cfg, stage), places=cfg.places)
     else:
         source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
                                    max_pixels=mcfg.max_pixels, stage=stage)
@@ -784,8 +787,9 @@ def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
 
 
 def extra_weights(cfg, stage):
-    """Weights added to a ShapesWorld stage mixture: the spatial curriculum's, the probe families'."""
-    extra = dict(shapes.SPATIAL_CURRICULUM.get(stage, {})) if cfg.spatial_curriculum else {}
+    """Weights added to a ShapesWorld stage mixture: the places', the spatial curriculum's, the probe families'."""
+    extra = dict(shapes.PLACES.get(stage, {})) if cfg.places else {}
+    extra.update(shapes.SPATIAL_CURRICULUM.get(stage, {}) if cfg.spatial_curriculum else {})
     if cfg.probe_weight > 0 and stage in ("midtrain", "sft"):
         extra.update({f: cfg.probe_weight for f in shapes.PROBE_FAMILIES})
     return extra or None
@@ -805,8 +809,8 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
     model.eval()
     ids = data.special_ids(enc)
     special = set(ids.values())
-    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels,
-                                 max_pixels=model.cfg.max_pixels).eval_prompts(cfg.eval_samples, families=families)
+    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels, max_pixels=model.cfg.max_pixels,
+                                 places=cfg.places).eval_prompts(cfg.eval_samples, families=families)
     gen = torch.Generator().manual_seed(0)
     groups = {}
     for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
