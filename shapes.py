@@ -178,8 +178,7 @@ def gen_caption(rng):
 
 def gen_grounding(rng):
     """Training only: 'Describe the image with positions.' -> 'big red circle at (0, 1), small blue square at (2, 3)':
-    the caption with each object's cell, which also lifts the plain caption in pretrain (EXPERIMENTS.md, section
-    'Relations in the default's budget', 'Places first')."""
+    the caption with each object's cell, in pretrain, where it teaches the cells video_dir's answer writes."""
     objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, min_dx=8)
     return [draw(W, H, objs)], [("<image>Describe the image with positions.",
