@@ -72,7 +72,7 @@ MIXES = {
 # with more of them does it. Not the default: at its budget the model does not know rows yet, and captions pay
 # (EXPERIMENTS.md, section 'A spatial curriculum').
 # Places (the default; train.py --places=False leaves them out, as the ablation does): video_dir answers with the
-# shape's cell in the first and the last frame, then the direction ("(2, 0) to (2, 2): down"; see chain()), and
+# shape's cell in the first and the last frame, then the direction ("(2, 0) to (2, 2): down"; see moved()), and
 # pretrain adds captions with each object's cell ("grounding"): weights added to (or replacing) a stage's mixture.
 PLACES = {"pretrain": {"caption": 5, "grounding": 2}, "midtrain": {"video_dir": 0.5}}
 SPATIAL_CURRICULUM = {"pretrain": {"caption_rows": 3}, "midtrain": {"caption_rows": 1},
@@ -148,25 +148,27 @@ def name(o):
     return f"{o['size']} {o['color']} {o['shape']}"
 
 
-def caption_of(objs):
-    return ", ".join(name(o) for o in sorted(objs, key=lambda o: (o["x"], o["y"])))
-
-
 def cell(o):
     """An object's token cell as '(column, row)', counted from the top left."""
     return f"({o['x'] // CELL}, {o['y'] // CELL})"
 
 
-def chain(places, answer):
-    """An answer in two steps, the places first: '(2, 0) to (2, 2): down'. Asked for the word alone, the toy
-    learns the direction of motion in some seeds only; it reads one shape's cell reliably, and decides from
-    two cells it has written out (EXPERIMENTS.md, section 'Relations in the default's budget', 'Places first').
-    score() scores the word after ': '."""
-    return f"{places}: {answer}"
+def caption_of(objs, cells=False):
+    """'big red circle, small blue square', left to right; cells=True: 'big red circle at (0, 1), ...'."""
+    objs = sorted(objs, key=lambda o: (o["x"], o["y"]))
+    return ", ".join(name(o) + (f" at {cell(o)}" if cells else "") for o in objs)
+
+
+def moved(path, d):
+    """The answer to 'Which way does the shape move?' in two steps, the places first: '(2, 0) to (2, 2): down'.
+    Asked for the word alone, the toy learns the direction in some seeds only; it reads one shape's cell reliably
+    and decides from two cells it has written out (EXPERIMENTS.md, section 'Relations in the default's budget',
+    'Places first'). score() scores the word after ': '."""
+    return f"{cell(path[0])} to {cell(path[-1])}: {d}"
 
 
 def final(answer):
-    """The word an answer ends with: all of it, or what follows the places (chain())."""
+    """The word an answer ends with: all of it, or what follows the places (moved())."""
     return answer.rsplit(": ", 1)[-1]
 
 
@@ -181,8 +183,7 @@ def gen_grounding(rng):
     the caption with each object's cell, in pretrain, where it teaches the cells video_dir's answer writes."""
     objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, min_dx=8)
-    return [draw(W, H, objs)], [("<image>Describe the image with positions.",
-                                 ", ".join(f"{name(o)} at {cell(o)}" for o in sorted(objs, key=lambda o: o["x"])))]
+    return [draw(W, H, objs)], [("<image>Describe the image with positions.", caption_of(objs, cells=True))]
 
 
 def gen_caption_rows(rng):
@@ -317,7 +318,7 @@ def gen_video_dir(rng):
         p = (i if d in ("right", "down") else n - 1 - i) * CELL + CELL // 2
         path.append(dict(obj, x=p, y=other) if d in ("left", "right") else dict(obj, x=other, y=p))
     return [draw(S, S, [o]) for o in path], [(video_prompt(list(range(n)), n) + "Which way does the shape move?",
-                                             chain(f"{cell(path[0])} to {cell(path[-1])}", d))]
+                                             moved(path, d))]
 
 
 def gen_video_appear(rng):
@@ -397,8 +398,8 @@ def gen_text(rng):
                  f"first or the second?", "first" if x > y else "second")]
 
 
-GENERATORS = {"caption": gen_caption, "grounding": gen_grounding, "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape,
-              "count": gen_count, "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
+GENERATORS = {"caption": gen_caption, "grounding": gen_grounding, "caption_rows": gen_caption_rows, "color": gen_color,
+              "shape": gen_shape, "count": gen_count, "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
               "spatial_two": gen_spatial_two, "spatial_yn_two": gen_spatial_yn_two, "size": gen_size,
               "read": gen_read, "multi_count": gen_multi_count, "multi_change": gen_multi_change,
               "video_dir": gen_video_dir, "video_appear": gen_video_appear, "multi_turn": gen_multi_turn,
@@ -446,7 +447,7 @@ def gen_move(rng):
     x0, y0 = start(w, dx), start(h, dy)
     path = [at(dict(obj), x0 + i * dx, y0 + i * dy) for i in range(3)]
     q = video_prompt([0, 1, 2], 3) + "Which way does the shape move?"
-    return [draw(w * CELL, h * CELL, [o]) for o in path], [(q, chain(f"{cell(path[0])} to {cell(path[-1])}", d))]
+    return [draw(w * CELL, h * CELL, [o]) for o in path], [(q, moved(path, d))]
 
 
 def gen_color_big(rng):
@@ -518,7 +519,7 @@ class ShapesWorld:
 
 def score(preds):
     """preds: [(prompt dict with 'family' and 'answer', predicted text)] -> {family: exact-match accuracy}. An
-    answer with its places first (chain()) is scored on the word after them, and '<family> (whole)' on all of it."""
+    answer with its places first (moved()) is scored on the word after them, and '<family> (whole)' on all of it."""
     hits = {}
     for p, text in preds:
         f, text, answer = p["family"], text.strip(), p["answer"]
