@@ -172,18 +172,13 @@ def final(answer):
     return answer.rsplit(": ", 1)[-1]
 
 
-def gen_caption(rng):
+def gen_caption(rng, cells=False):
+    """cells=True is 'grounding', training only: 'Describe the image with positions.' -> 'big red circle at (0, 1),
+    small blue square at (2, 3)', in pretrain, where it teaches the cells video_dir's answer writes."""
     objs = new_objects(rng, rng.randint(1, 4))
     W, H = layout(rng, objs, min_dx=8)  # left-to-right order must be visible
-    return [draw(W, H, objs)], [("<image>Describe the image.", caption_of(objs))]
-
-
-def gen_grounding(rng):
-    """Training only: 'Describe the image with positions.' -> 'big red circle at (0, 1), small blue square at (2, 3)':
-    the caption with each object's cell, in pretrain, where it teaches the cells video_dir's answer writes."""
-    objs = new_objects(rng, rng.randint(1, 4))
-    W, H = layout(rng, objs, min_dx=8)
-    return [draw(W, H, objs)], [("<image>Describe the image with positions.", caption_of(objs, cells=True))]
+    q = "<image>Describe the image with positions." if cells else "<image>Describe the image."
+    return [draw(W, H, objs)], [(q, caption_of(objs, cells))]
 
 
 def gen_caption_rows(rng):
@@ -398,8 +393,9 @@ def gen_text(rng):
                  f"first or the second?", "first" if x > y else "second")]
 
 
-GENERATORS = {"caption": gen_caption, "grounding": gen_grounding, "caption_rows": gen_caption_rows, "color": gen_color,
-              "shape": gen_shape, "count": gen_count, "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
+GENERATORS = {"caption": gen_caption, "grounding": lambda rng: gen_caption(rng, cells=True),
+              "caption_rows": gen_caption_rows, "color": gen_color, "shape": gen_shape, "count": gen_count,
+              "spatial": gen_spatial, "spatial_pick": gen_spatial_pick,
               "spatial_two": gen_spatial_two, "spatial_yn_two": gen_spatial_yn_two, "size": gen_size,
               "read": gen_read, "multi_count": gen_multi_count, "multi_change": gen_multi_change,
               "video_dir": gen_video_dir, "video_appear": gen_video_appear, "multi_turn": gen_multi_turn,
