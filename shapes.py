@@ -12,6 +12,7 @@ scores at chance; score() is the exact-match scorer. Sample i of (stage, split, 
 """
 import os
 import random
+import re
 from functools import lru_cache
 from itertools import combinations
 
@@ -50,6 +51,7 @@ FAMILIES = {
     "text": (None, None),           # answers are in the text: the llm stage's format and vocabulary
 }
 CHANCE = {f: c for f, (_, c) in FAMILIES.items()}
+RELATION_FAMILIES = ("spatial", "spatial_pick")  # scored per axis too (score())
 IMAGE_FAMILIES = ("caption", "color", "shape", "count", "spatial", "spatial_pick", "size", "read")
 # Stage mixtures (relative weights). midtrain keeps NEO-ov's families (text, image, multi-image, video), not its
 # 2:4:1:1 ratio: most weight on the two skills the toy learns last, finding an object by its shape (colour
@@ -506,16 +508,25 @@ class ShapesWorld:
         *done, (q, answer) = ex["turns"]
         msgs = [m for qq, a in done for m in (("user", qq), ("assistant", a))] + [("user", q)]
         images = [to_tensor(im, self.min_pixels, self.max_pixels) for im in ex["images"]]
-        return {**build_prompt(self.enc, msgs, images), "answer": answer, "family": ex["family"]}
+        axis = {"axis": axis_of(q)} if ex["family"] in RELATION_FAMILIES else {}
+        return {**build_prompt(self.enc, msgs, images), "answer": answer, "family": ex["family"], **axis}
 
     def eval_prompts(self, n, families=None):
         """n prompts per family (all scored families by default), from this split."""
         return [self.prompt(self.example(i, f)) for f in (families or FAMILIES) for i in range(n)]
 
 
+def axis_of(question):
+    """The axis a relation question asks about, from its words: 'left/right' or 'above/below'."""
+    return "left/right" if re.search(r"\b(left|right)\b", question) else "above/below"
+
+
 def score(preds):
     """preds: [(prompt dict with 'family' and 'answer', predicted text)] -> {family: exact-match accuracy}. An
-    answer with its places first (moved()) is scored on the word after them, and '<family> (whole)' on all of it."""
+    answer with its places first (moved()) is scored on the word after them, and '<family> (whole)' on all of it.
+    A relation question (its prompt has an 'axis') also counts in '<family> (left/right)' or '(above/below)': the
+    family's mean hides a model that knows one axis and guesses the other (EXPERIMENTS.md, 'Relations in the
+    default's budget')."""
     hits = {}
     for p, text in preds:
         f, text, answer = p["family"], text.strip(), p["answer"]
@@ -524,7 +535,11 @@ def score(preds):
         else:  # places, then the word
             hits.setdefault(f, []).append(final(text) == final(answer))
             hits.setdefault(f + " (whole)", []).append(text == answer)
-    return {f: sum(h) / len(h) for f, h in hits.items()}
+        if p.get("axis"):
+            hits.setdefault(f"{f} ({p['axis']})", []).append(hits[f][-1])
+    first = {f: i for i, f in enumerate(hits)}  # families in the order first seen, each followed by its parts
+    order = sorted(hits, key=lambda k: (first[k.split(" (")[0]], k != k.split(" (")[0], k))
+    return {f: sum(hits[f]) / len(hits[f]) for f in order}
 
 
 # -----------------------------------------------------------------------------

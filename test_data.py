@@ -690,7 +690,30 @@ def test_stage_mixtures_and_eval():
     again = shapes.ShapesWorld(split="val", enc=enc, seed=123).eval_prompts(3)  # the held-out split ignores the seed
     assert [p["input_ids"] for p in again] == [p["input_ids"] for p in prompts]
     acc = shapes.score([(p, p["answer"] if p["family"] == "count" else " nope ") for p in prompts])
-    assert acc["count"] == 1.0 and acc["color"] == 0.0 and set(acc) == set(shapes.FAMILIES) | {"video_dir (whole)"}
+    assert acc["count"] == 1.0 and acc["color"] == 0.0
+    assert set(acc) - set(shapes.FAMILIES) <= {"video_dir (whole)", *(f"{f} ({a})" for f in ("spatial", "spatial_pick")
+                                                                      for a in ("left/right", "above/below"))}
+
+
+def test_relations_are_scored_per_axis():
+    """spatial and spatial_pick prompts carry the axis they ask about (the yes/no answer's own word, or the pick
+    question's 'higher'/'lower', says which), and score() reports each axis right after the family: a model right on
+    left/right and wrong on above/below scores 100 and 0 there, where the family's mean alone says ~50."""
+    w = shapes.ShapesWorld(split="val")
+    for fam in ("spatial", "spatial_pick"):
+        prompts = w.eval_prompts(40, families=[fam])
+        for i, p in enumerate(prompts):
+            q = w.example(i, fam)["turns"][-1][0]
+            rows = p["answer"] in ("above", "below") if fam == "spatial" else ("higher" in q or "lower" in q)
+            assert p["axis"] == ("above/below" if rows else "left/right"), (fam, q, p["axis"])
+        assert {p["axis"] for p in prompts} == {"left/right", "above/below"}
+        lr_only = [(p, p["answer"] if p["axis"] == "left/right" else "nope") for p in prompts]
+        acc = shapes.score(lr_only)
+        n_lr = sum(p["axis"] == "left/right" for p in prompts)
+        assert acc[f"{fam} (left/right)"] == 1.0 and acc[f"{fam} (above/below)"] == 0.0
+        assert acc[fam] == n_lr / len(prompts)
+        assert list(acc) == [fam, f"{fam} (above/below)", f"{fam} (left/right)"]  # as the printed line reads
+    assert "axis" not in w.prompt(w.example(0, "color"))  # other families: one score each, as before
 
 
 def test_places_match_pixels():
