@@ -12,7 +12,6 @@ scores at chance; score() is the exact-match scorer. Sample i of (stage, split, 
 """
 import os
 import random
-import re
 from functools import lru_cache
 from itertools import combinations
 
@@ -518,7 +517,7 @@ class ShapesWorld:
 
 def axis_of(question):
     """The axis a relation question asks about, from its words: 'left/right' or 'above/below'."""
-    return "left/right" if re.search(r"\b(left|right)\b", question) else "above/below"
+    return "left/right" if "left" in question or "right" in question else "above/below"
 
 
 def score(preds):
