@@ -151,6 +151,48 @@ def test_rope_1d_ablation_indices():
     assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 5] and pos[1:].abs().sum() == 0
 
 
+def transposed(model):
+    """The same model for transposed images: the patch convs transposed, the 2-D rotation's column and row channel
+    halves swapped, and every head's H and W channels (q/k_proj_hw rows, their norms) swapped."""
+    C, D, sd = model.cfg.vision_dim, model.cfg.head_dim, model.state_dict()
+    swap = lambda t, dim, n: torch.cat(t.split(n // 2, dim)[::-1], dim)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("patch_embedding.weight"):                        # (C, 3, p, p)
+            v = swap(v.transpose(2, 3), 0, C)
+        elif k.endswith("patch_embedding.bias"):
+            v = swap(v, 0, C)
+        elif k.endswith("dense_embedding.weight"):                      # (d, C, s, s)
+            v = swap(v.transpose(2, 3), 1, C)
+        elif k.endswith("_proj_hw.weight"):                             # (heads * D, d): [H | W] per head
+            v = swap(v.view(-1, D, v.shape[-1]), 1, D).reshape(v.shape)
+        elif "_norm_h." in k or "_norm_w." in k:
+            v = sd[k.replace("_norm_h.", "_norm_X.").replace("_norm_w.", "_norm_h.").replace("_norm_X.", "_norm_w.")]
+        out[k] = v
+    twin = NEO(model.cfg).eval()
+    twin.load_state_dict(out)
+    return twin
+
+
+@pytest.mark.parametrize("rope", ["native", "1d"])
+def test_rows_and_columns_are_alike(rope):
+    """Native-RoPE has no preferred axis: a transposed image through the transposed model gives the same answer, so
+    whatever tells rows from columns in a trained model came from its data. Under 1D-RoPE it does not (raster order)."""
+    torch.manual_seed(0)
+    model = NEO(tiny_cfg(rope=rope)).eval()
+    with torch.no_grad():  # random H/W weights, not the init rule's (k_proj_hw = 0), so every H/W part counts
+        for n, p in model.named_parameters():
+            if "_hw" in n or "_norm_" in n:
+                p.copy_(torch.randn_like(p) * (0.1 if "proj" in n else 1))
+    img = torch.randn(3, 64, 96)                                        # 2 x 3 tokens
+    ids = torch.tensor([[65] + span(model.cfg, 2, 3) + [66, 67]])
+    with torch.no_grad():
+        a, _ = model(ids, [img])
+        b, _ = transposed(model)(torch.tensor([[65] + span(model.cfg, 3, 2) + [66, 67]]), [img.transpose(1, 2)])
+    gap = (a[0, -3:] - b[0, -3:]).abs().max().item()                   # the text tokens after the image
+    assert gap < 1e-4 if rope == "native" else gap > 1e-2
+
+
 def test_image_token_count_mismatch_is_an_error():
     cfg = tiny_cfg()
     ids = torch.tensor([[65] + span(cfg, 1, 2)])
