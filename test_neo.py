@@ -166,8 +166,10 @@ def transposed(model):
             v = swap(v.transpose(2, 3), 1, C)
         elif k.endswith("_proj_hw.weight"):                             # (heads * D, d): [H | W] per head
             v = swap(v.view(-1, D, v.shape[-1]), 1, D).reshape(v.shape)
-        elif "_norm_h." in k or "_norm_w." in k:
-            v = sd[k.replace("_norm_h.", "_norm_X.").replace("_norm_w.", "_norm_h.").replace("_norm_X.", "_norm_w.")]
+        elif "_norm_h." in k:                                            # q_norm_h <-> q_norm_w, k the same
+            v = sd[k.replace("_norm_h.", "_norm_w.")]
+        elif "_norm_w." in k:
+            v = sd[k.replace("_norm_w.", "_norm_h.")]
         out[k] = v
     twin = NEO(model.cfg).eval()
     twin.load_state_dict(out)
