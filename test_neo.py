@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import checkpoint
 import train
 
-from neo import (IGNORE_INDEX, NEO, NEOConfig, attention, attention_math, attention_probs, build_attention_mask,
-                 build_positions, set_trainable)
+from neo import (HW_NAMES, IGNORE_INDEX, NEO, NEOConfig, attention, attention_math, attention_probs,
+                 build_attention_mask, build_positions, set_trainable)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "assets", "neo_official_tiny")
@@ -184,7 +184,7 @@ def test_rows_and_columns_are_alike(rope):
     model = NEO(tiny_cfg(rope=rope)).eval()
     with torch.no_grad():  # random H/W weights, not the init rule's (k_proj_hw = 0), so every H/W part counts
         for n, p in model.named_parameters():
-            if "_hw" in n or "_norm_" in n:
+            if any(f".{h}." in n for h in HW_NAMES):
                 p.copy_(torch.randn_like(p) * (0.1 if "proj" in n else 1))
     img = torch.randn(3, 64, 96)                                        # 2 x 3 tokens
     ids = torch.tensor([[65] + span(model.cfg, 2, 3) + [66, 67]])
