@@ -4,7 +4,7 @@ One flat file, read top to bottom: the config, each stage's recipe, one stage (s
 stage runs through, finish), main; then data and evaluation, setup, bench and helpers. The design-choice
 ablation (the paper's Table 3) is ablate.py.
 
-    python train.py                                   # whole toy pipeline on ShapesWorld (~10-14 min on 2 cores)
+    python train.py                                   # whole toy pipeline on ShapesWorld (~12-16 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
     python train.py --iters_scale=4 --spatial_curriculum=True  # the long run: spatial relations too (~56 min)
     python train.py --resume=True                     # continue exactly where out/ckpt.pt stopped
