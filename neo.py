@@ -565,6 +565,16 @@ class NEO(nn.Module):
         import checkpoint
         return checkpoint.load(path, dtype, **overrides)
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
+        head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
+        cfg = self.cfg
+        n = self.num_params() - self.embed_tokens.weight.numel()
+        if cfg.tie_word_embeddings:
+            n += self.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
+        qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
+        return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
+
 
 def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None, repetition_penalty=1.0,
                 prev_ids=None):
