@@ -12,6 +12,7 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
+Each train.py --bench=True there runs train_speed below: one configuration's training tokens/s and FLOP/s.
 """
 import argparse
 import os
@@ -54,6 +55,57 @@ def python(args, busy=False, timeout=1800):
 def spread(xs, fmt="{:,.0f}"):
     xs = sorted(xs)
     return fmt.format(xs[len(xs) // 2]) + (f" ({fmt.format(xs[0])}-{fmt.format(xs[-1])})" if len(xs) > 1 else "")
+
+
+def train_speed(cfg, procs):
+    """train.py --bench=True: tokens/s of train.train_step on the configured model (random weights) and midtrain
+    batches, and the FLOP/s that achieves against the peak (a GPU's data sheet, a CPU's measured GEMM)."""
+    import torch
+    import data
+    import train
+    from common import CoreShare, autocast, compile_layers, gpu_peak_flops, measure_cpu_peak
+    from neo import NEO, NEOConfig, set_trainable
+    device = procs.device
+    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
+        model = NEO(NEOConfig.preset(cfg.model, **train.model_overrides(cfg), **ids))
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(model, "midtrain")
+    opt = train.configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    it = iter(train.make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
+    batches = [train.to_device(next(it), device) for _ in range(4)]
+    fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
+    if cfg.compile:
+        compile_layers(model)
+    step = lambda b: train.train_step(model, opt, lambda: b, autocast(cfg.dtype, device), cfg.grad_clip)
+    for b in batches:  # warm-up: every batch shape once (--compile=True compiles each here, not in the timing)
+        step(b)
+    if device == "cpu" and not cfg.threads:  # the thread count training would use now (CoreShare)
+        cores = CoreShare(torch.get_num_threads())
+        time.sleep(1.0)
+        cores.update()
+    n, t0 = 0, time.perf_counter()
+    for k in range(8):
+        step(batches[k % 4])
+        n += batches[k % 4]["input_ids"].numel()
+    if "cuda" in device:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = n / dt
+    flops = tps * model.flops_per_token(cfg.max_seq_len)
+    peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
+        torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
+    gpu = "cuda" in device
+    where = f"{torch.cuda.get_device_name()}" if gpu else f"{torch.get_num_threads()} threads"
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
+    print(f"bench: {model.num_params() / 1e6:.2f}M params, batch {cfg.batch_size}x{cfg.max_seq_len}, dtype "
+          f"{cfg.dtype}{', compiled' if cfg.compile else ''}, {where}: {tps:,.0f} tok/s (rows {fill:.0%} filled), "
+          f"{flops / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.1f} GFLOP/s {'bf16 data-sheet' if gpu else 'measured'} "
+          f"peak = {100 * flops / peak:.1f}%{mem}")
+    return tps, flops / peak
 
 
 def train_part(repeats):

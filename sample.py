@@ -11,7 +11,7 @@ Ask NEO about an image, several images or a video, and watch the answer stream o
 
 --init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
 (out/final, out/sft, ...: config.json, model.safetensors, tokenizer.txt or tokenizer files) or a training
-checkpoint (out/ckpt.pt). --preset sets the prompt, the pixel budgets and the decoding (PRESETS below):
+checkpoint (out/ckpt.pt). --preset sets the prompt, the pixel budgets and the decoding (INFERENCE below):
   neo1       NEO 1.0 as the authors evaluate it: no system turn, several images as "Image-1: <image>\n...", greedy
   neo-ov     NEO-ov images and video: "Reason step by step.", unnumbered images, timestamped frames, sampling
   neo-ov-si  NEO-ov's spatial setting: no system turn, 720x960 px per image, "Frame1 is at [00:00.50]:<image>"
@@ -33,15 +33,21 @@ from PIL import Image
 
 import checkpoint
 import data
+from common import choose_device, probe_cpu
 from neo import NEO, KVCache, NEOConfig, build_attention_mask, build_positions
 
 ATTN_LAYERS = 4  # --show_attention averages over the last this-many layers (all heads)
 K = 32 * 32      # pixels of one visual token
 
-# Inference as the authors evaluate their released models (github EvolvingLMMs-Lab/NEO; DESIGN.md §10), and the
-# toy's own. Pixel budgets (min, max) per image and per video frame; None: the model config's, as the toy trained.
-# max_new_tokens is capped by the context. The layout of images and frames is build_messages'.
-PRESETS = {
+
+# -----------------------------------------------------------------------------
+# Inference settings: the authors' for their released models, and the toy's
+
+
+# Inference as the authors evaluate their released models (github EvolvingLMMs-Lab/NEO, the files named below),
+# and the toy's own. Pixel budgets (min, max) per image and per video frame; None: the model config's, as the toy
+# trained. max_new_tokens is capped by the context. The layout of images and frames is build_messages'.
+INFERENCE = {
     # NEO 1.0: VLMEvalKit/vlmeval/config.py (NEO-2B-SFT budgets), vlm/neo/neo_chat.py (system '', greedy, 4096
     # new tokens), vlm/neo/utils.py (reorganize_prompt; build_video_prompt turns numbered frames into Frame-k).
     # That kit has one budget per model, so video frames get the image budget.
@@ -61,6 +67,56 @@ PRESETS = {
                    temperature=0.0, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=256),
 }
 DECODING = ("system", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")  # flag = preset key
+
+
+def choose_preset(name, ours, path):
+    """--preset auto: our checkpoints keep the toy's format; a released folder follows its config's template:
+    NEO-ov for NEO1_5 (its template's name is not in the authors' repository: "1_5" in it or in the folder's
+    name, as in NEO1_5-2B-SFT), NEO 1.0 for "neo1_0" and when the folder does not say."""
+    if name != "auto":
+        return name
+    if ours:
+        return "shapes"
+    with open(os.path.join(path, "config.json")) as f:
+        said = str(json.load(f).get("template") or "") + " " + os.path.basename(os.path.normpath(path))
+    return "neo-ov" if "1_5" in said else "neo1"
+
+
+def settings(name, args, cfg):
+    """The preset's settings with every flag given on the command line in their place; pixel budgets resolved."""
+    s = dict(INFERENCE[name])
+    if s["image_pixels"] is None:  # the toy's: the config's, a quarter of it per video frame
+        hi = min(cfg.max_pixels, data.MAX_PIXELS)
+        lo = min(cfg.min_pixels, hi)
+        s["image_pixels"], s["frame_pixels"] = (lo, hi), (lo, cfg.max_pixels // 4)
+    for key in ("image_pixels", "frame_pixels"):  # a flag sets both; a lower max takes the min down with it
+        lo, hi = s[key]
+        hi = args.max_pixels or hi
+        lo = args.min_pixels or min(lo, hi)
+        s[key] = (lo, hi if args.max_pixels else max(lo, hi))
+    for k in DECODING:
+        if getattr(args, k) is not None:
+            s[k] = getattr(args, k)
+    s["top_k"] = s["top_k"] if s["top_k"] and s["top_k"] > 0 else None
+    s["top_p"] = s["top_p"] if s["top_p"] is not None and s["top_p"] < 1 else None
+    for what, (lo, hi) in (("image", s["image_pixels"]), ("video frame", s["frame_pixels"])):
+        if not K <= lo <= hi:
+            raise SampleError(f"need 1024 <= --min_pixels ({lo}) <= --max_pixels ({hi}) per {what}")
+    return s
+
+
+def describe(name, s):
+    """The one stderr line saying which settings are in force."""
+    px = lambda b: f"{b[0]}-{b[1]} px ({b[0] // K}-{b[1] // K} tokens)"
+    dec = "greedy" if s["temperature"] == 0 else f"sampling at temperature {s['temperature']}, top_p {s['top_p']}, " \
+                                                 f"top_k {s['top_k']}"
+    return (f"preset {name}: system {s['system']!r}; images {px(s['image_pixels'])}, video frames "
+            f"{px(s['frame_pixels'])}; {dec}, repetition_penalty {s['repetition_penalty']}, max_new_tokens "
+            f"{s['max_new_tokens']} (flags override each)")
+
+
+# -----------------------------------------------------------------------------
+# Command line
 
 
 why = data.one_line  # an exception as one short line, in every error message below
@@ -97,10 +153,9 @@ def get_args(argv=None):
                    help="sample this many frames per second instead, at most --num_frames (the authors' Video-MME: "
                         "--video_fps 1 --num_frames 256)")
     p.add_argument("--prompt", default=None, help="the question (default: asks for a description)")
-    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+    p.add_argument("--preset", default="auto", choices=["auto", *INFERENCE],
                    help="prompt layout, system turn, pixel budgets and decoding (default auto: shapes for our "
                         "checkpoints, a released folder's own from its config's template)")
-    p.add_argument("--template", default=None, choices=["neo", "shapes"], help="old name: neo = --preset neo1")
     p.add_argument("--system", default=None, help="system message (default: the preset's; '' = no system turn)")
     p.add_argument("--init_from", default=None, help="model folder or ckpt.pt (default: OUT_DIR/final)")
     p.add_argument("--out_dir", default="out", help="train.py's out_dir, where the default model is (default out)")
@@ -217,8 +272,8 @@ def available_memory():
 
 def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     """--dtype=auto on a CPU: time a copy of one of the model's own layers in float32 and bf16, on one thread and
-    on all, for this prompt's prefill and for one-token decode steps; -> (dtype, threads) with the shortest
-    expected answer time. No rule by CPU flag is right: bf16 halves the bytes a large model's decode reads, but
+    on all, for this prompt's prefill and for one-token decode steps (common.probe_cpu, two rounds); -> (dtype,
+    threads) with the shortest expected answer time. bf16 halves the bytes a large model's decode reads, but
     its GEMMs run at half the fp32 rate on CPUs without AVX512-BF16 or AMX; a small model's decode is bound by
     per-op overhead, where bf16's casts cost more than they save and a second thread only adds waiting (the toy:
     207 tok/s on one thread, 198 on two, 89 on two beside a busy process; EXPERIMENTS.md, section 'Speed on a CPU
@@ -233,30 +288,27 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     pos1 = torch.tensor([[[L]], [[0]], [[0]]])
     mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
     n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
-    n_threads = torch.get_num_threads()
     dtypes = [torch.float32, torch.bfloat16]
     fp32_bytes = 4 * model.num_params()
     if next(model.parameters()).dtype != torch.float32 and fp32_bytes > 0.8 * available_memory():
         dtypes = [next(model.parameters()).dtype]  # a float32 copy of these weights would not fit in memory
     blocks = {dt: copy.deepcopy(src).to(dt) for dt in dtypes}
-    times = {}
+
+    def seconds_of(setting):  # the answer's expected time: the prompt's prefill, then n_new decode steps
+        dt, th = setting
+        rope, rope1 = model.rope_tables(pos[:, None], dt), model.rope_tables(pos1, dt)
+        torch.set_num_threads(th)
+        x = torch.randn(1, L, cfg.d_model, dtype=dt)
+        cache = KVCache(cfg, 1, L + steps + 1, "cpu", dt)
+        t0 = time.perf_counter()
+        y = blocks[dt](x, rope, mask, cache)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            y = blocks[dt](y[:, -1:], rope1, None, cache)
+        t2 = time.perf_counter()
+        return (t1 - t0) * prompt_len / L + n_new * (t2 - t1) / steps
     with torch.inference_mode():
-        for _ in range(2):  # twice, alternating, each setting's better round kept: a busy moment does not decide
-            for dt, blk in blocks.items():
-                rope, rope1 = model.rope_tables(pos[:, None], dt), model.rope_tables(pos1, dt)
-                for th in sorted({1, n_threads}):
-                    torch.set_num_threads(th)
-                    x = torch.randn(1, L, cfg.d_model, dtype=dt)
-                    cache = KVCache(cfg, 1, L + steps + 1, "cpu", dt)
-                    t0 = time.perf_counter()
-                    y = blk(x, rope, mask, cache)
-                    t1 = time.perf_counter()
-                    for _ in range(steps):
-                        y = blk(y[:, -1:], rope1, None, cache)
-                    t2 = time.perf_counter()
-                    est = (t1 - t0) * prompt_len / L + n_new * (t2 - t1) / steps
-                    times[dt, th] = min(times.get((dt, th), float("inf")), est)
-    torch.set_num_threads(n_threads)
+        times = probe_cpu([(dt, th) for dt in dtypes for th in sorted({1, torch.get_num_threads()})], seconds_of, 2)
     best = min(times, key=times.get)
     print(f"dtype auto: one layer, prefill {prompt_len} tokens + {n_new} decode steps: " +
           ", ".join(f"{str(d)[6:]} x{t} {1e3 * v:.1f} ms" for (d, t), v in times.items()) +
@@ -266,49 +318,6 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
 
 # -----------------------------------------------------------------------------
 # Prompt
-
-
-def choose_preset(name, template, ours, path):
-    """--preset auto: our checkpoints keep the toy's format; a released folder follows its config's template:
-    NEO-ov for NEO1_5 (its template's name is not in the authors' repository: "1_5" in it or in the folder's
-    name, as in NEO1_5-2B-SFT), NEO 1.0 for "neo1_0" and when the folder does not say. --template: old name."""
-    if name != "auto" or template:
-        return name if name != "auto" else {"neo": "neo1", "shapes": "shapes"}[template]
-    if ours:
-        return "shapes"
-    with open(os.path.join(path, "config.json")) as f:
-        said = str(json.load(f).get("template") or "") + " " + os.path.basename(os.path.normpath(path))
-    return "neo-ov" if "1_5" in said else "neo1"
-
-
-def settings(name, args, cfg):
-    """The preset's settings with every flag given on the command line in their place; pixel budgets resolved."""
-    s = dict(PRESETS[name])
-    if s["image_pixels"] is None:  # the toy's: the config's, a quarter of it per video frame
-        hi = min(cfg.max_pixels, data.MAX_PIXELS)
-        lo = min(cfg.min_pixels, hi)
-        s["image_pixels"], s["frame_pixels"] = (lo, hi), (lo, cfg.max_pixels // 4)
-    for key in ("image_pixels", "frame_pixels"):  # a flag sets both; a lower max takes the min down with it
-        lo, hi = s[key]
-        hi = args.max_pixels or hi
-        lo = args.min_pixels or min(lo, hi)
-        s[key] = (lo, hi if args.max_pixels else max(lo, hi))
-    for k in DECODING:
-        if getattr(args, k) is not None:
-            s[k] = getattr(args, k)
-    s["top_k"] = s["top_k"] if s["top_k"] and s["top_k"] > 0 else None
-    s["top_p"] = s["top_p"] if s["top_p"] is not None and s["top_p"] < 1 else None
-    return s
-
-
-def describe(name, s):
-    """The one stderr line saying which settings are in force."""
-    px = lambda b: f"{b[0]}-{b[1]} px ({b[0] // K}-{b[1] // K} tokens)"
-    dec = "greedy" if s["temperature"] == 0 else f"sampling at temperature {s['temperature']}, top_p {s['top_p']}, " \
-                                                 f"top_k {s['top_k']}"
-    return (f"preset {name}: system {s['system']!r}; images {px(s['image_pixels'])}, video frames "
-            f"{px(s['frame_pixels'])}; {dec}, repetition_penalty {s['repetition_penalty']}, max_new_tokens "
-            f"{s['max_new_tokens']} (flags override each)")
 
 
 def build_messages(question, n_images, stamps, duration, preset, system):
@@ -435,6 +444,7 @@ def to_pil(x):
 
 
 # -----------------------------------------------------------------------------
+# Main: load, build the prompt, stream the answer
 
 
 def main(argv=None):
@@ -444,35 +454,13 @@ def main(argv=None):
             check_out_png(getattr(args, flag), f"--{flag}")
     if args.draw_mask:
         return draw_mask(args.draw_mask)
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = choose_device(args.device)
     # --dtype=auto: bf16 on a GPU, float32 on mps; on a CPU the model loads in its checkpoint's dtype and
     # choose_cpu_setting then measures which dtype and thread count run it fastest here
     auto_cpu = args.dtype == "auto" and device == "cpu"
     dtype = None if auto_cpu else getattr(torch, args.dtype if args.dtype != "auto" else
                                           "bfloat16" if "cuda" in device else "float32")
-    if not args.image and not args.video:
-        raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
-    bad = [f"--{k}={v}" for k, v, ok in (
-        ("num_frames", args.num_frames, args.num_frames >= 1),
-        ("video_fps", args.video_fps, args.video_fps is None or 0 < args.video_fps < float("inf")),
-        ("max_new_tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1),
-        ("temperature", args.temperature, args.temperature is None or 0 <= args.temperature < float("inf")),
-        ("top_p", args.top_p, args.top_p is None or 0 < args.top_p <= 1),
-        ("repetition_penalty", args.repetition_penalty,
-         args.repetition_penalty is None or 0 < args.repetition_penalty < float("inf"))) if not ok]
-    if bad:
-        raise SampleError(f"{', '.join(bad)}: --num_frames and --max_new_tokens must be at least 1, --temperature a "
-                          f"number from 0 (greedy) up, --top_p in (0, 1], --repetition_penalty and --video_fps "
-                          f"numbers above 0")
-    for flag in ("prompt", "system"):
-        if "<image>" in (getattr(args, flag) or ""):
-            raise SampleError(f"--{flag} holds '<image>': sample.py puts each --image / --video frame into the "
-                              f"prompt itself; leave the placeholder out")
-    for flag in ("min_pixels", "max_pixels"):
-        if getattr(args, flag) is not None and not K <= getattr(args, flag) <= data.MAX_PIXELS:
-            raise SampleError(f"--{flag}={getattr(args, flag)} is outside 1024 (one 32x32 visual token) to "
-                              f"{data.MAX_PIXELS} (data.MAX_PIXELS, a 4096x4096 image)")
+    check_args(args)
 
     # the tokenizer and config (--dry_run needs no more), then the settings in force
     path = args.init_from or os.path.join(args.out_dir, "final")
@@ -480,34 +468,12 @@ def main(argv=None):
         raise SampleError(f"no model at {path}: run `python train.py` first (it writes {path}/), "
                           f"or pass --init_from=DIR (a released NEO folder, one of ours, or a ckpt.pt)")
     enc, ours = load_tokenizer(path)
-    cfg, ids = load_config(path, enc), data.special_ids(enc)
-    name = choose_preset(args.preset, args.template, ours, path)
+    cfg = load_config(path, enc)
+    name = choose_preset(args.preset, ours, path)
     s = settings(name, args, cfg)
     authors = name != "shapes"  # the released models' image loading and frame sampling (data.authors_rgb)
-    for what, (lo, hi) in (("image", s["image_pixels"]), ("video frame", s["frame_pixels"])):
-        if not K <= lo <= hi:
-            raise SampleError(f"need 1024 <= --min_pixels ({lo}) <= --max_pixels ({hi}) per {what}")
 
-    # images and video frames, at native resolution within the pixel budget
-    images, first, stamps, duration = [], None, None, None
-    for f in args.image:
-        try:  # a missing, empty or corrupt file raises DataError naming it and saying why
-            pil = data.open_image(f, authors)
-            images.append(data.to_tensor(pil, *s["image_pixels"]))
-        except data.DataError as e:
-            raise SampleError(f"{e}; --image takes an image file (JPEG, PNG, WebP, ...)") from None
-        first = pil if first is None else first
-    if args.video:
-        src = args.video[0] if len(args.video) == 1 else args.video
-        try:
-            frames, stamps, duration = data.load_video(src, args.num_frames, *s["frame_pixels"], authors=authors,
-                                                       sample_fps=args.video_fps)
-        except data.DataError as e:
-            raise SampleError(f"{e}; --video takes a video file (mp4, webm, mov, ...), a folder of frame images, "
-                              f"an animated GIF/WebP, or frame files") from None
-        first = to_pil(frames[0]) if first is None else first
-        images.extend(frames)
-
+    images, first, stamps, duration = load_visuals(args, s, authors)
     question = args.prompt or default_question(len(args.image), args.video, name)
     msgs = build_messages(question, len(args.image), stamps, duration, name, s["system"])
     try:
@@ -531,13 +497,66 @@ def main(argv=None):
         dtype, threads = choose_cpu_setting(model, L, n_new)
         model.to(dtype)
         torch.set_num_threads(threads)
-    dtype = next(model.parameters()).dtype
-    cfg = model.cfg
     print(f"{path}: {model.num_params() / 1e6:.1f}M parameters, prompt {L} tokens, up to {n_new} new, "
-          f"{device} {str(dtype)[6:]}", file=sys.stderr)
+          f"{device} {str(next(model.parameters()).dtype)[6:]}", file=sys.stderr)
+    stream_answer(model, prompt, n_new, s, args, enc, authors, first, device)
+
+
+def check_args(args):
+    """Every flag's range, before any work (SampleError)."""
+    if not args.image and not args.video:
+        raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
+    bad = [f"--{k}={v}" for k, v, ok in (
+        ("num_frames", args.num_frames, args.num_frames >= 1),
+        ("video_fps", args.video_fps, args.video_fps is None or 0 < args.video_fps < float("inf")),
+        ("max_new_tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1),
+        ("temperature", args.temperature, args.temperature is None or 0 <= args.temperature < float("inf")),
+        ("top_p", args.top_p, args.top_p is None or 0 < args.top_p <= 1),
+        ("repetition_penalty", args.repetition_penalty,
+         args.repetition_penalty is None or 0 < args.repetition_penalty < float("inf"))) if not ok]
+    if bad:
+        raise SampleError(f"{', '.join(bad)}: --num_frames and --max_new_tokens must be at least 1, --temperature a "
+                          f"number from 0 (greedy) up, --top_p in (0, 1], --repetition_penalty and --video_fps "
+                          f"numbers above 0")
+    for flag in ("prompt", "system"):
+        if "<image>" in (getattr(args, flag) or ""):
+            raise SampleError(f"--{flag} holds '<image>': sample.py puts each --image / --video frame into the "
+                              f"prompt itself; leave the placeholder out")
+    for flag in ("min_pixels", "max_pixels"):
+        if getattr(args, flag) is not None and not K <= getattr(args, flag) <= data.MAX_PIXELS:
+            raise SampleError(f"--{flag}={getattr(args, flag)} is outside 1024 (one 32x32 visual token) to "
+                              f"{data.MAX_PIXELS} (data.MAX_PIXELS, a 4096x4096 image)")
+
+
+def load_visuals(args, s, authors):
+    """Images and video frames, at native resolution within the pixel budget; -> (tensors, the first as a PIL
+    image for --show_attention, the frames' times in seconds or None, the video's length or None)."""
+    images, first, stamps, duration = [], None, None, None
+    for f in args.image:
+        try:  # a missing, empty or corrupt file raises DataError naming it and saying why
+            pil = data.open_image(f, authors)
+            images.append(data.to_tensor(pil, *s["image_pixels"]))
+        except data.DataError as e:
+            raise SampleError(f"{e}; --image takes an image file (JPEG, PNG, WebP, ...)") from None
+        first = pil if first is None else first
+    if args.video:
+        src = args.video[0] if len(args.video) == 1 else args.video
+        try:
+            frames, stamps, duration = data.load_video(src, args.num_frames, *s["frame_pixels"], authors=authors,
+                                                       sample_fps=args.video_fps)
+        except data.DataError as e:
+            raise SampleError(f"{e}; --video takes a video file (mp4, webm, mov, ...), a folder of frame images, "
+                              f"an animated GIF/WebP, or frame files") from None
+        first = to_pil(frames[0]) if first is None else first
+        images.extend(frames)
+    return images, first, stamps, duration
+
+
+def stream_answer(model, prompt, n_new, s, args, enc, authors, first, device):
+    """Generate and print the answer as it comes; --show_attention: then draw where it looked."""
+    cfg, ids = model.cfg, data.special_ids(enc)
     x = torch.tensor([prompt["input_ids"]], device=device)
     imgs = [im.to(device) for im in prompt["images"]]
-
     # --show_attention: the last layers keep their attention maps; after every step we read the row of the
     # query that produced the new token, at the first image's visual tokens
     maps, layers = [], (list(model.pre_buffer) + list(model.post_llm))[-ATTN_LAYERS:]
@@ -545,7 +564,7 @@ def main(argv=None):
         for blk in layers:
             blk.self_attn.keep_attn = True
         cfg.attn = "sdpa"  # a dense bool mask: FlexAttention's BlockMask cannot give the attention matrix
-        grid = (images[0].shape[1] // cfg.token_px, images[0].shape[2] // cfg.token_px)
+        grid = (prompt["images"][0].shape[1] // cfg.token_px, prompt["images"][0].shape[2] // cfg.token_px)
         pos = (x[0] == cfg.img_context_id).nonzero()[:grid[0] * grid[1], 0]  # the first span, row-major
 
     def record(stream):

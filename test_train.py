@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import shapes
 import train
 from neo import NEO, set_trainable
@@ -222,7 +223,6 @@ def test_auto_dtype_is_measured(monkeypatch, capsys):
     """--dtype=auto on a CPU times both dtypes on the real training step and takes the faster, whatever the
     CPU's flags: here each dtype in turn is made slow, and the choice follows; explicit flags and GPUs skip
     the measurement."""
-    import contextlib
     import time as _time
     real_autocast = torch.autocast
 
@@ -235,7 +235,7 @@ def test_auto_dtype_is_measured(monkeypatch, capsys):
     monkeypatch.setattr(torch, "autocast", slow(real_autocast))
     assert train.resolve_dtype(cfg, "cpu") == "float32"
     monkeypatch.setattr(torch, "autocast", real_autocast)
-    monkeypatch.setattr(train, "nullcontext", slow(contextlib.nullcontext))
+    monkeypatch.setattr(common, "nullcontext", slow(contextlib.nullcontext))
     assert train.resolve_dtype(cfg, "cpu") == "bfloat16"
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("float32" in l and "bfloat16" in l and "tok/s" in l for l in lines)
@@ -252,10 +252,10 @@ def test_threads_follow_free_cores(monkeypatch):
                     (2.0, 4.0, 2.0),     # 2 s: 4 CPU-s in all, 2 ours -> another process used one core
                     (4.0, 6.0, 3.9),     # 2 s: 2 CPU-s in all, 1.9 ours -> the CPU is free again
                     (4.5, 7.0, 4.0)])    # too soon after the last look (< 1 s): nothing changes
-    monkeypatch.setattr(train.CoreShare, "sample", staticmethod(lambda: next(samples)))
+    monkeypatch.setattr(common.CoreShare, "sample", staticmethod(lambda: next(samples)))
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
-    cores = train.CoreShare(2)
+    cores = common.CoreShare(2)
     cores.cores = 2
     assert cores.update() == 1 and abs(cores.others - 1.0) < 1e-9
     assert cores.update() == 2
@@ -274,7 +274,7 @@ def test_compiled_layers_match_eager():
     result = []
     for compiled in (False, True):
         if compiled:
-            train.compile_layers(model)
+            common.compile_layers(model)
         model.zero_grad()
         _, loss = model(batch["input_ids"], batch["images"], batch["targets"], batch["doc_ids"],
                         batch["loss_weights"])
@@ -291,7 +291,7 @@ def test_compile_falls_back_to_eager(monkeypatch, capsys):
     def broken(*a, **k):
         raise RuntimeError("Compiler: cc is not found.\nmore detail")
     monkeypatch.setattr(torch, "compile", broken)
-    assert train.compile_works("cpu") is False
+    assert common.compile_works("cpu") is False
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "training eagerly" in out[0] and "cc is not found" in out[0]
 
