@@ -61,22 +61,10 @@ def train_speed(cfg, procs):
     """train.py --bench=True: tokens/s of train.train_step on the configured model (random weights) and midtrain
     batches, and the FLOP/s that achieves against the peak (a GPU's data sheet, a CPU's measured GEMM)."""
     import torch
-    import data
     import train
-    from common import CoreShare, autocast, compile_layers, gpu_peak_flops, measure_cpu_peak
-    from neo import NEO, NEOConfig, set_trainable
+    from common import CoreShare, autocast, compile_layers, peak_flops
     device = procs.device
-    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = data.special_ids(enc)                            # data stands in for real data at any model size
-    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
-        model = NEO(NEOConfig.preset(cfg.model, **train.model_overrides(cfg), **ids))
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    set_trainable(model, "midtrain")
-    opt = train.configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    it = iter(train.make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, cfg.seed))
-    batches = [train.to_device(next(it), device) for _ in range(4)]
+    model, opt, batches = train.random_model(cfg, device, 4, cfg.seed)
     fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
     if cfg.compile:
         compile_layers(model)
@@ -96,8 +84,7 @@ def train_speed(cfg, procs):
     dt = time.perf_counter() - t0
     tps = n / dt
     flops = tps * model.flops_per_token(cfg.max_seq_len)
-    peak = (gpu_peak_flops(torch.cuda.get_device_name()) if "cuda" in device else measure_cpu_peak(
-        torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32))
+    peak = peak_flops(device, cfg.dtype)
     gpu = "cuda" in device
     where = f"{torch.cuda.get_device_name()}" if gpu else f"{torch.get_num_threads()} threads"
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""

@@ -135,9 +135,14 @@ def compile_works(device):
         return False
 
 
-def measure_cpu_peak(dtype, seconds=1.0):
-    """FLOP/s of a large matmul in `dtype` on this CPU: the ceiling MFU is measured against on a CPU."""
-    n = 1024
+def peak_flops(device, dtype, seconds=1.0):
+    """The ceiling MFU is measured against: on a GPU its dense bf16 peak by name (vendor data sheets; inf when
+    unknown, so MFU reads 0, not garbage), on a CPU the FLOP/s of a large matmul in `dtype`, measured."""
+    if "cuda" in device:
+        table = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40", 362e12),
+                 ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+        return next((p for k, p in table if k in torch.cuda.get_device_name(device)), float("inf"))
+    n, dtype = 1024, torch.bfloat16 if dtype == "bfloat16" else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -146,13 +151,6 @@ def measure_cpu_peak(dtype, seconds=1.0):
         a @ b
         k += 1
     return 2 * n ** 3 * k / (time.perf_counter() - t0)
-
-
-def gpu_peak_flops(name):
-    """Dense bf16 peak by device name (vendor data sheets); inf when unknown, so MFU reads 0, not garbage."""
-    table = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40", 362e12),
-             ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-    return next((p for k, p in table if k in name), float("inf"))
 
 
 def draw_loss_curve(history, path):

@@ -40,8 +40,8 @@ from tqdm import tqdm
 import checkpoint
 import data
 import shapes
-from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, gpu_peak_flops,
-                    measure_cpu_peak, print0, probe_cpu, setup_distributed)
+from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, probe_cpu,
+                    setup_distributed)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 
@@ -269,14 +269,6 @@ class Stage:
     bar: object = None       # the loop's progress bar
 
 
-def run_stage(cfg, stage, init, procs, run, resume=None):
-    """Train one stage from `init` (or from `resume`, the checkpoint of a run stopped in it); -> the folder its
-    final weights are in."""
-    st = setup_stage(cfg, stage, init, procs, resume)
-    train_loop(cfg, st, procs, run)
-    return finish_stage(cfg, st, procs, run)
-
-
 def setup_stage(cfg, stage, init, procs, resume):
     """The model (from `init`, or from the checkpoint being resumed), its optimizer, wrappers and data."""
     device = procs.device
@@ -394,10 +386,22 @@ def train_loop(cfg, st, procs, run):
         run.history.append((st.name, run.step0 + st.step, loss))
         tok_log += n_tok * procs.world
         st.bar.update(1)
-        if st.step % cfg.log_interval == 0 or st.step == iters:
-            log_step(st, run, loss, norm, lr, tok_log / (time.perf_counter() - t_log), procs)
+        if st.step % cfg.log_interval == 0 or st.step == iters:  # loss, LR, gradient norm, tokens/s, MFU, ETA
+            tok_per_s = tok_log / (time.perf_counter() - t_log)
+            mfu = tok_per_s * st.flops_per_token / (run.peak * procs.world)
+            eta = (time.perf_counter() - st.t0) / (st.step - st.start) * (iters - st.step)
+            st.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)
+            if procs.rank == 0:
+                st.bar.write(f"[{st.name}] step {st.step}/{iters} loss {loss:.4f} lr {lr:.2e} norm {norm:.2f} "
+                             f"{tok_per_s:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
+            if run.cores and (n := run.cores.update()):
+                st.bar.write(f"[{st.name}] other processes use {run.cores.others:.1f} cores: training on {n} "
+                             f"thread{'s' if n > 1 else ''} (CoreShare)")
             t_log, tok_log = time.perf_counter(), 0
-        crash_if_asked(cfg, run.step0 + st.step, st.bar)  # --kill_at (the resume tests): stop dead here
+        if cfg.kill_at and run.step0 + st.step == cfg.kill_at:  # the resume tests: stop dead, as a crash would:
+            st.bar.close()                                       # no cleanup, so only what is on disk survives
+            print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
+            os._exit(0)
 
 
 def finish_stage(cfg, st, procs, run):
@@ -468,29 +472,6 @@ def stop(cfg, st, run, what):
     raise TrainError(f"[{st.name}] step {st.step}: {what}. {back}")
 
 
-def log_step(st, run, loss, norm, lr, tok_per_s, procs):
-    """The loop's log line (loss, LR, gradient norm, tokens/s, MFU, ETA), and CoreShare's thread count."""
-    iters = st.schedule[3]
-    mfu = tok_per_s * st.flops_per_token / (run.peak * procs.world)
-    eta = (time.perf_counter() - st.t0) / (st.step - st.start) * (iters - st.step)
-    st.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)
-    if procs.rank == 0:
-        st.bar.write(f"[{st.name}] step {st.step}/{iters} loss {loss:.4f} lr {lr:.2e} norm {norm:.2f} "
-                     f"{tok_per_s:,.0f} tok/s MFU {100 * mfu:.1f}% ETA {eta / 60:.1f} min")
-    if run.cores and (n := run.cores.update()):
-        st.bar.write(f"[{st.name}] other processes use {run.cores.others:.1f} cores: training on {n} "
-                     f"thread{'s' if n > 1 else ''} (CoreShare)")
-
-
-def crash_if_asked(cfg, global_step, bar):
-    """--kill_at=N (the resume tests): stop dead right after global step N, as a crash would: no cleanup, so only
-    what is on disk survives."""
-    if cfg.kill_at and global_step == cfg.kill_at:
-        bar.close()
-        print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
-        os._exit(0)
-
-
 def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
     """Held-out exact match after a stage (blind: also with noise for images), printed and added to eval.json."""
     t0 = time.perf_counter()
@@ -500,11 +481,21 @@ def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
         families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
     if run.cores:
         run.cores.update()
-    acc = evaluate_or_warn(model, enc, cfg, device, ctx, families=families)
+
+    def evaluate_or_warn(blind):  # a failure costs the accuracy, not the run: its traceback, and training goes on
+        try:
+            return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
+        except Exception:
+            import traceback
+            traceback.print_exc()
+            print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
+                   "goes on", file=sys.stderr)
+            return {}
+    acc = evaluate_or_warn(blind=False)
     entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - run.t0, 1),
              "eval_seconds": round(time.perf_counter() - t0, 1)}
     if blind:
-        entry["blind_accuracy"] = evaluate_or_warn(model, enc, cfg, device, ctx, blind=True, families=families)
+        entry["blind_accuracy"] = evaluate_or_warn(blind=True)
     run.evals.append(entry)
     print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
     if "blind_accuracy" in entry:
@@ -600,8 +591,7 @@ def launch(cfg, ck=None):
     stages = order if cfg.stage == "all" else [cfg.stage]
     if cfg.stage == "all" and cfg.init_from:  # the LLM is given (a Qwen3 folder or a NEO): no toy llm stage
         stages = [s for s in stages if s != "llm"]
-    peak = (gpu_peak_flops(torch.cuda.get_device_name(procs.device)) if "cuda" in procs.device else
-            measure_cpu_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, 0.5))
+    peak = peak_flops(procs.device, cfg.dtype, 0.5)
     # on a CPU the thread count follows what other processes leave free (CoreShare), unless --threads is given
     cores = CoreShare(torch.get_num_threads()) if procs.device == "cpu" and not procs.ddp and not cfg.threads else None
     run = Run(last_stage=stages[-1], peak=peak, cores=cores)
@@ -626,7 +616,9 @@ def launch(cfg, ck=None):
             seq = order if stage in order else ORDER  # (--stage=spatial alone: after midtrain)
             prev = os.path.join(cfg.out_dir, seq[seq.index(stage) - 1])
             init = prev if os.path.isdir(prev) else ""
-        folder = run_stage(cfg, stage, init, procs, run, resume=ck if i == 0 else None)
+        st = setup_stage(cfg, stage, init, procs, resume=ck if i == 0 else None)  # (ck: the stage resumed)
+        train_loop(cfg, st, procs, run)
+        folder = finish_stage(cfg, st, procs, run)
     if procs.rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         import shutil
@@ -744,18 +736,6 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
     return shapes.score(preds)
 
 
-def evaluate_or_warn(*args, **kw):
-    """evaluate(), but a failure costs the accuracy, not the run: its traceback is shown and training goes on."""
-    try:
-        return evaluate(*args, **kw)
-    except Exception:
-        import traceback
-        traceback.print_exc()
-        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
-               "goes on", file=sys.stderr)
-        return {}
-
-
 # -----------------------------------------------------------------------------
 # Precision: --dtype=auto, FSDP's mixed precision
 
@@ -772,6 +752,22 @@ def resolve_dtype(cfg, device, measure=None):
     return (measure or choose_cpu_dtype)(cfg)
 
 
+def random_model(cfg, device, n_batches, seed):
+    """The configured model with random weights, all of it trainable (midtrain), its optimizer and n_batches midtrain
+    batches: what the --dtype=auto probe and the bench time train_step on."""
+    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
+        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(model, "midtrain")
+    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, seed))
+    return model, opt, [to_device(next(it), device) for _ in range(n_batches)]
+
+
 def choose_cpu_dtype(cfg, seconds=1.0):
     """Time the real work in each dtype with common.probe_cpu and return the faster: eager training steps of the
     configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead). Eager, not
@@ -779,15 +775,7 @@ def choose_cpu_dtype(cfg, seconds=1.0):
     (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). Prints both figures and the choice."""
     t0 = time.perf_counter()
     if cfg.model == "toy":
-        enc = data.get_tokenizer("shapes")
-        sp = data.special_ids(enc)
-        mcfg = NEOConfig.preset(cfg.model, **model_overrides(cfg), img_start_id=sp["img_start"],
-                                img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-        probe = TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0})
-        b = to_device(next(iter(make_loader(probe, "midtrain", enc, mcfg, 0, 1, 0))), "cpu")
-        model = NEO(mcfg)
-        set_trainable(model, "midtrain")
-        opt = configure_optimizers(model, 0.0, 1e-6, (0.9, 0.95))
+        model, opt, (b,) = random_model(TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0}), "cpu", 1, 0)
         amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
         work = lambda dt: train_step(model, opt, lambda: b, autocast(dt, "cpu"), cfg.grad_clip)
     else:
