@@ -1,10 +1,10 @@
 """
-Train NEO: the paper's three stages, on a CPU for the toy or on many GPUs at full scale.
-Read top to bottom: the config, each stage's recipe, one stage (set up, the training loop that every stage runs
-through, finish), main; then data and evaluation, precision, and the command line's parsing. What the stages train
-and why: README, "The toy: ShapesWorld and the stages". Shared machinery (device, CPU threads, compile, peaks, the
-loss plot) is in common.py; --bench=True runs bench.py's train_speed; the design-choice ablation (the paper's
-Table 3) is ablate.py.
+Train NEO: the paper's three stages (and the toy's own llm and spatial stages), on a CPU for the toy or on many
+GPUs at full scale. Read top to bottom: the config, each stage's recipe, one stage (set up, the training loop that
+every stage runs through, finish), main; then data and evaluation, precision, and the command line's parsing. What
+the stages teach the toy: README, "The toy: ShapesWorld and the stages". Shared machinery (device, CPU threads,
+compile, peak FLOP/s, the loss plot) is common.py; --bench=True runs bench.py's train_speed; the design-choice
+ablation (the paper's Table 3) is ablate.py.
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~12-16 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
