@@ -151,7 +151,7 @@ def test_vision_lr_scale(tmp_path, neo_folder):
 
 def test_toy_only_stages():
     """llm and spatial are the toy's own steps: at full scale they are refused with a line that says what to do,
-    and the paper's stages have the paper's recipe (DESIGN §6)."""
+    and the paper's stages have the paper's recipe (train.STAGES, `paper`)."""
     big = train.parse_config(["--model=neo-2b"])
     for stage, words in (("llm", "--init_from=/path/Qwen3"), ("spatial", "pretrain, midtrain, sft")):
         with pytest.raises(train.ConfigError, match=words):
