@@ -88,7 +88,7 @@ NEO_SHARED = dict(vocab_size=151936, max_seq_len=8192, vision_dim=1024, min_pixe
                   max_pixels=2048 * 2048, img_start_id=151670, img_end_id=151671, img_context_id=151669)
 PRESETS = {
     "toy": dict(),  # ~5.4M parameters: trains on a 2-core CPU in minutes; NEO's architecture, smaller sizes
-    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers; NEO-9B = Qwen3-8B (36, untied) + 6 (paper §3.1)
+    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers; NEO-9B = Qwen3-8B (36, untied) + 6 (their config.json)
     "neo-2b": dict(**NEO_SHARED, d_model=2048, n_layer=28, n_pre_layers=12, n_head=16, n_kv_head=8, head_dim=128,
                    d_mlp=6144, tie_word_embeddings=True),
     "neo-9b": dict(**NEO_SHARED, d_model=4096, n_layer=36, n_pre_layers=6, n_head=32, n_kv_head=8, head_dim=128,

@@ -38,6 +38,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import shapes
+import tokenizer
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 
@@ -407,7 +408,7 @@ def setup_stage(cfg, stage, init, env, state):
     lr, ratio, warmup, iters = stage_recipe(cfg, stage)
     resume = state.pop("resume_ckpt", None)
     tok = resolve_tokenizer(cfg, init) if resume is None else resume["tokenizer"]
-    enc = data.get_tokenizer(tok)
+    enc = tokenizer.get_tokenizer(tok)
     if resume is not None:
         model = NEO(NEOConfig(**resume["model_config"]))
         model.load_state_dict(resume["model"])
@@ -807,7 +808,7 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
     length generated together. blind=True replaces every image with noise: the accuracy a model that
     cannot see gets (it should sit at each family's chance level)."""
     model.eval()
-    ids = data.special_ids(enc)
+    ids = tokenizer.special_ids(enc)
     special = set(ids.values())
     prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels, max_pixels=model.cfg.max_pixels,
                                  places=cfg.places).eval_prompts(cfg.eval_samples, families=families)
@@ -900,8 +901,8 @@ def choose_cpu_dtype(cfg, seconds=1.0):
     t0 = time.perf_counter()
     cands = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if cfg.model == "toy":
-        enc = data.get_tokenizer("shapes")
-        sp = data.special_ids(enc)
+        enc = tokenizer.get_tokenizer("shapes")
+        sp = tokenizer.special_ids(enc)
         mcfg = NEOConfig.preset(cfg.model, **model_overrides(cfg), img_start_id=sp["img_start"],
                                 img_end_id=sp["img_end"], img_context_id=sp["img_context"])
         probe = TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0})
@@ -980,8 +981,8 @@ def bench(cfg, env):
     _, _, _, _, device = env
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     ctx = nullcontext() if cfg.dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
-    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    enc = tokenizer.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = tokenizer.special_ids(enc)                            # data stands in for real data at any model size
     ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
     with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
         model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
