@@ -1,9 +1,8 @@
 """
 Checkpoints in the authors' layout (VLMEvalKit/vlmeval/vlm/neo/to_hf/modeling_neo_chat.py): the name map between
 our parameters and a released NEO or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the
-model is built on the meta device (no random init) and each tensor is read, cast and assigned on its own, so
-loading needs about the weights' size in memory; a Qwen3 becomes the Post-LLM with its new H/W parts set as the
-authors do (init_hw_from_t).
+model is built on the meta device (no random init), each tensor read, cast and assigned on its own, so loading
+needs about the weights' size in memory; a Qwen3 becomes the Post-LLM, its new H/W parts set by init_hw_from_t.
 neo.py's NEO.from_pretrained and save_pretrained call in here; the forward math is all in neo.py.
 The last section is train.py's own: the resumable ckpt.pt (atomic writes, one run per out_dir, RNG state) and the
 stage folders.
@@ -108,10 +107,9 @@ def load(path, dtype=None, **overrides):
 
 @torch.no_grad()
 def init_hw_from_t(model):
-    """A Qwen3 turned Post-LLM, as the authors' VLMTrainKit/neo/model/modeling_neo_qwen3.py loads one: new H/W
-    projections that leave the LLM unchanged at step 0. q_proj_hw per head = the rows of q_proj for the
-    highest-frequency rotary pairs ([0, D/4) and [D/2, 3D/4)), concatenated and repeated for H and W;
-    k_proj_hw = 0, so H/W logits start at 0."""
+    """A Qwen3 turned Post-LLM as VLMTrainKit/neo/model/modeling_neo_qwen3.py does it: the LLM unchanged at step 0.
+    q_proj_hw per head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and [D/2, 3D/4)),
+    concatenated and repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
     nh, D, d = model.cfg.n_head, model.cfg.head_dim, model.cfg.d_model
     for blk in model.post_llm:
         a = blk.self_attn

@@ -3,11 +3,14 @@ What the test files share: the tests' tiny model size, an image span, the infere
 video file. Plain helpers, imported by name (from conftest import tiny_cfg), not fixtures: they take arguments
 at each call and build module-level constants (test_train.py's flags), which a fixture cannot.
 """
+import os
+
 import numpy as np
 import pytest
 
 from neo import NEOConfig
 
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "neo_official_tiny")  # authors' tiny NEO
 TINY_MODEL = dict(d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128,
                   vision_dim=32)  # the tests' model size (.ci/gpu_checks.py uses it too)
 

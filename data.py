@@ -5,12 +5,11 @@ Data for nano-NEO: everything between files on disk and the tensors the model ea
    per 32x32 px), ImageNet normalisation
 2. a conversation -> a sample: chat template, an image span of <IMG_CONTEXT> tokens per image, labels on
    assistant turns; a video is its frames, each after a text timestamp (NEO-ov)
-3. samples -> packed rows -> a batch, and 4. a deterministic, resumable, rank-sharded loader of batches
-5. where samples come from: LLaVA/NEO JSON/JSONL datasets (the toy's own world, ShapesWorld, is shapes.py)
-6-7. after the pipeline, reading files safely: bad images; videos through PyAV (which frames, seeking)
-Text <-> token ids is tokenizer.py.
+3. samples -> packed rows -> a batch, and a deterministic, resumable, rank-sharded loader of batches
+4. where samples come from: LLaVA/NEO JSON/JSONL datasets (the toy's own world, ShapesWorld, is shapes.py)
+5-6. after the pipeline, reading files safely: bad images; videos through PyAV (which frames, seeking)
 
-    enc = get_tokenizer("/path/Qwen3-1.7B")      # or "shapes", the toy's (tokenizer.py)
+    enc = get_tokenizer("/path/Qwen3-1.7B")      # or "shapes", the toy's (text <-> ids: tokenizer.py)
     loader = PackedLoader(JSONLDataset("ann.jsonl", image_root="/path/images", enc=enc), batch_size=8)
     batch = next(iter(loader))  # input_ids, targets, loss_weights, doc_ids: (B, L); images: [(3, H, W), ...]
     python -m pytest -q test_data.py
@@ -155,7 +154,10 @@ def video_prompt(timestamps, duration, authors=False):
 
 
 # -----------------------------------------------------------------------------
-# 3. Samples -> packed rows -> batches
+# 3. Samples -> packed rows -> batches, and the loader. Batch k is a pure function of (seed, k): its samples
+# are drawn at random (with replacement, like nanoGPT's get_batch) from a generator seeded by (seed, k). So
+# workers, ranks and resume need no coordination: rank r of W takes global batches r, r+W, ... (exactly the
+# micro-batches one process would see with W-fold gradient accumulation); the position to resume is one integer.
 
 
 def pack(samples, batch_size, max_seq_len, patience=None):
@@ -200,12 +202,6 @@ def collate(rows, max_seq_len, pad_id):
             p += n
     return {"input_ids": x, "targets": y, "loss_weights": w, "doc_ids": doc, "images": images}
 
-
-# -----------------------------------------------------------------------------
-# 4. The loader: packed batches. Batch k is a pure function of (seed, k): its samples are drawn at random (with
-# replacement, like nanoGPT's get_batch) from a generator seeded by (seed, k). So workers, ranks and resume
-# need no coordination: rank r of W takes global batches r, r+W, ... (exactly the micro-batches one process
-# would see with W-fold gradient accumulation), and the position to resume from is one integer.
 
 
 class PackedLoader:
@@ -316,7 +312,7 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 # -----------------------------------------------------------------------------
-# 5. LLaVA / NEO JSON(L) datasets
+# 4. LLaVA / NEO JSON(L) datasets
 
 MALFORMED = "malformed record (a field missing or of the wrong type)"
 
@@ -466,7 +462,7 @@ class JSONLDataset:
 
 
 # -----------------------------------------------------------------------------
-# 6. Reading image files: a bad file is refused with one line naming it
+# 5. Reading image files: a bad file is refused with one line naming it
 
 MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
 
@@ -561,7 +557,7 @@ def open_image(src, authors=False):
 
 
 # -----------------------------------------------------------------------------
-# 7. Video files, frame folders, animations (NEO-ov): which frames, and decoding only those
+# 6. Video files, frame folders, animations (NEO-ov): which frames, and decoding only those
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

@@ -438,9 +438,8 @@ class NEO(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, modules=None):
-        """The one place weights are initialised (as the authors' Pre-Buffer, VLMTrainKit/neo/model/
-        modeling_neo_qwen3.py): Linear, Conv and
-        Embedding weights N(0, 0.02), biases 0, norm scales 1. modules: only these (default all)."""
+        """The one place weights are initialised, as VLMTrainKit/neo/model/modeling_neo_qwen3.py does the Pre-Buffer:
+        Linear, Conv and Embedding weights N(0, 0.02), biases 0, norm scales 1. modules: only these (default all)."""
         for m in self.modules() if modules is None else modules:
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)

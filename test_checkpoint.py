@@ -1,6 +1,5 @@
 """
-Tests for checkpoint.py: our folders and ckpt.pt round-trip, the authors' released layout and a Qwen3 load
-strictly, and a Qwen3 becomes the Post-LLM unchanged. CPU only, seconds each.
+Tests for checkpoint.py: our folders round-trip; the authors' layout and a Qwen3 load strictly. CPU, seconds each.
 
     python -m pytest -q test_checkpoint.py
 """
@@ -13,10 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from conftest import inference_config, tiny_cfg
+from conftest import FIXTURE, inference_config, tiny_cfg
 from neo import NEO
-
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "neo_official_tiny")
 
 
 def test_inference_config_format(tmp_path, capsys):

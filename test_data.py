@@ -21,6 +21,7 @@ import data
 import shapes
 from conftest import write_video
 from data import IGNORE_INDEX, DataError
+from tokenizer import get_tokenizer
 
 
 
@@ -312,7 +313,7 @@ def test_video_file_without_pyav(tmp_path, monkeypatch):
 
 
 def test_chat_labels_only_on_assistant():
-    enc = data.get_tokenizer("bytes")
+    enc = get_tokenizer("bytes")
     img = torch.zeros(3, 64, 96)
     s = data.encode_chat(enc, [("system", "sys"), ("user", "<image>hi"), ("assistant", "yo")], [img])
     text = enc.decode(s["input_ids"]).replace("<IMG_CONTEXT>", "")
@@ -475,7 +476,7 @@ def test_empty_conversations_do_not_hang(tmp_path):
     'nothing to learn', and when no record is usable the loader stops with a DataError instead of looping."""
     p = tmp_path / "empty.jsonl"
     p.write_text('{"conversations": []}\n' * 5)
-    loader = data.PackedLoader(data.JSONLDataset(str(p), enc=data.get_tokenizer("bytes")), batch_size=2,
+    loader = data.PackedLoader(data.JSONLDataset(str(p), enc=get_tokenizer("bytes")), batch_size=2,
                                max_seq_len=64)
     with pytest.raises(DataError, match=r"no usable sample.*nothing to learn.*empty\.jsonl:\d"):
         with warnings.catch_warnings():
@@ -497,7 +498,7 @@ def test_skips_are_reported_per_reason(tmp_path):
              json.dumps({"images": ["red.png", "red.png"], "conversations": conv("<image>?", "x")})]  # 7: 2 vs 1
     p = tmp_path / "mix.jsonl"
     p.write_text("\n".join(lines) + "\n")
-    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), enc=data.get_tokenizer("bytes"))
+    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), enc=get_tokenizer("bytes"))
     loader = data.PackedLoader(ds, batch_size=2, max_seq_len=256)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -527,7 +528,7 @@ def test_jsonl_video_file_records(tmp_path):
     conv = [{"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "right"}]
     p = tmp_path / "v.jsonl"
     p.write_text("".join(json.dumps({"video": v, "conversations": conv}) + "\n" for v in ("clip.mp4", "cut.mp4")))
-    enc = data.get_tokenizer("bytes")
+    enc = get_tokenizer("bytes")
     ds = data.JSONLDataset(str(p), image_root=str(tmp_path), enc=enc, video_frames=4)
     s = ds[0]  # the toy's frames 2, 7, 12, 17 of 20 at 10 fps; 64x48 at 4096 px -> 64x64, 2x2 tokens each
     assert len(s["images"]) == 4 and all(im.shape == (3, 64, 64) for im in s["images"])

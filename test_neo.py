@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import span, tiny_cfg
+from conftest import FIXTURE, span, tiny_cfg
 from neo import (HW_NAMES, IGNORE_INDEX, NEO, NEOConfig, attention, attention_math, attention_probs,
                  build_attention_mask, build_positions, set_trainable)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "assets", "neo_official_tiny")
 
 
 # ---- the anchor: the authors' own implementation

@@ -1,6 +1,5 @@
 """
-Tests for shapes.py, the toy's world ShapesWorld: what it draws is what its answers say, and its questions are
-balanced. CPU only, a few seconds.
+Tests for shapes.py, ShapesWorld: what it draws is what its answers say; its questions are balanced. CPU, seconds.
 
     python -m pytest -q test_shapes.py
 """
@@ -13,6 +12,7 @@ import pytest
 
 import data
 import shapes
+from tokenizer import get_tokenizer
 
 
 def blobs(img):
@@ -173,7 +173,7 @@ def test_answer_balance():
 def test_stage_mixtures_and_eval():
     """llm is text only, pretrain mostly captions, midtrain every family and conversations; held-out prompts end in the
     assistant header and score() gives per-family exact match."""
-    enc = data.get_tokenizer("bytes")
+    enc = get_tokenizer("bytes")
     fams = {s: Counter(shapes.ShapesWorld(s).example(i)["family"] for i in range(300)) for s in shapes.MIXES}
     assert set(fams["llm"]) == {"text"}
     assert set(fams["pretrain"]) == {"caption", "text"} and 0.2 < fams["pretrain"]["text"] / 300 < 0.4

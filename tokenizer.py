@@ -1,12 +1,9 @@
 """
-The tokenizer: text <-> token ids, on tiktoken and offline. Three kinds, one get_tokenizer:
-- "shapes", the toy's: bytes + one token per ShapesWorld word (a BPE learnt here on those words)
-- "bytes": the 256 byte values
-- a Qwen3 or released NEO checkpoint folder: its tokenizer.json (or vocab.json) read as tiktoken ranks
-Each has the chat and image markers (SPECIALS); data.py puts them around turns and images.
+The tokenizer, text <-> token ids on tiktoken, offline: "shapes" (the toy's: bytes + one token per ShapesWorld
+word, a BPE learnt here), "bytes", or a Qwen3 / released NEO folder (its tokenizer.json or vocab.json). Each has
+the chat and image markers (SPECIALS) that data.py puts around turns and images.
 
-    enc = get_tokenizer("shapes")   # or "/path/Qwen3-1.7B"
-    encode_text(enc, "What color is the circle?"), special_ids(enc)["img_context"]
+    enc = get_tokenizer("shapes"); encode_text(enc, "What color is the circle?"), special_ids(enc)["img_context"]
     python -m pytest -q test_tokenizer.py
 """
 import json
