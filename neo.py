@@ -9,8 +9,8 @@ transformer, which learns to see and to speak at once. Notable features, each a 
   4. Multi-head native attention (Attention): q/k have the LLM's own T channels (base 1e6) plus D extra H/W
      channels (base 1e4) with their own norms.
   5. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
-The math is the NEO paper's §3.1 as the authors' released code computes it (VLMTrainKit/neo/model/
-modeling_neo_qwen3.py, modeling_neo_vit.py), and reproduces their logits (python -m pytest -q test_neo.py).
+The math is the NEO paper's §3.1 as the authors' code computes it (VLMTrainKit/neo/model/modeling_neo_qwen3.py
+and modeling_neo_vit.py there), and reproduces their logits (python -m pytest -q test_neo.py).
 
     from neo import NEO; NEO.from_pretrained("out/final")   # used by train.py and sample.py
     python sample.py --draw_mask mask.png                   # this file's indices and mask, drawn
@@ -122,8 +122,8 @@ def rope_cos_sin(pos, dim, theta):
 def apply_rope(x, cos, sin, halves):
     """x * cos + rotate_half(x) * sin for consecutive parts of x's channels at once (halves: each part's two half
     sizes, cos/sin: NEO.rope_tables'). rotate_half(x1, x2) = (-x2, x1): channel i turns with channel i + half."""
-    p = x.split(halves, dim=-1)
-    rotated = torch.cat([-p[i + 1] if i % 2 == 0 else p[i - 1] for i in range(len(p))], dim=-1)  # (-x2, x1) each
+    p = x.split(halves, dim=-1)  # (x1, x2) of each part: T1 T2 H1 H2 W1 W2 (native), T1 T2 (1d)
+    rotated = torch.cat([h for x1, x2 in zip(p[0::2], p[1::2]) for h in (-x2, x1)], dim=-1)  # rotate_half, each part
     return (x * cos + rotated * sin).to(x.dtype)
 
 
@@ -591,8 +591,8 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None,
 
 def set_trainable(model, stage):
     """requires_grad per stage (paper §3.2). pretrain: exactly NEO's new parts, the patch embedding, every
-    Pre-Buffer layer and the H/W q/k projections and norms of every layer (the released VLMTrainKit/neo/train/
-    train.py never applies its train_buffer switch); llm (toy only): exactly the rest, the text model; midtrain,
+    Pre-Buffer layer and the H/W q/k projections and norms of every layer (the authors' train_buffer switch in
+    VLMTrainKit/neo/train/train.py is never applied); llm (toy only): exactly the rest, the text model; midtrain,
     sft and the toy's spatial: everything."""
     if stage not in ("llm", "pretrain", "midtrain", "spatial", "sft"):
         raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain, spatial or sft")
