@@ -1,8 +1,7 @@
 """
 Data for nano-NEO: everything between files on disk and the tensors the model eats, in the order a sample flows.
 
-1. an image -> a (3, H, W) tensor at native resolution: smart resize to multiples of 32 px (one visual token
-   per 32x32 px), ImageNet normalisation
+1. an image -> a (3, H, W) tensor at native resolution: smart resize to multiples of 32 px, ImageNet normalisation
 2. a conversation -> a sample: chat template, an image span of <IMG_CONTEXT> tokens per image, labels on
    assistant turns; a video is its frames, each after a text timestamp (NEO-ov)
 3. samples -> packed rows -> a batch, and a deterministic, resumable, rank-sharded loader of batches
