@@ -166,7 +166,7 @@ def decode_part(repeats):
 SAVE = r"""
 import json, os, sys, time, torch
 from safetensors.torch import save_file
-import checkpoint, data
+import checkpoint, tokenizer
 from neo import NEO, NEOConfig
 cfg = NEOConfig.preset("neo-2b")
 with torch.device("meta"):
@@ -194,7 +194,7 @@ for k in ("img_start_token_id", "img_end_token_id", "img_context_token_id", "nan
     hf.pop(k, None)
 hf.update(template="neo1_0", downsample_ratio=0.5, use_backbone_lora=0, use_llm_lora=0)
 json.dump(hf, open(os.path.join(out, "config.json"), "w"))
-b2u = data.bytes_to_unicode()
+b2u = tokenizer.bytes_to_unicode()
 added = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<IMG_CONTEXT>": 151669,
          "<img>": 151670, "</img>": 151671}
 vocab = {b2u[b]: b for b in range(256)}   # then every id up to the added ones: three-byte tokens, none missing

@@ -1,8 +1,8 @@
 """
-Checkpoints in the authors' layout (DESIGN.md §7): the name map between our parameters and a released NEO
-or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the model is built on the meta
-device (no random init) and each tensor is read, cast and assigned on its own, so loading needs about the
-weights' size in memory; a Qwen3 becomes the Post-LLM with its new H/W parts set as DESIGN §5 says (init_hw_from_t).
+Checkpoints in the authors' layout (VLMEvalKit/vlmeval/vlm/neo/to_hf/modeling_neo_chat.py): the name map between
+our parameters and a released NEO or a Qwen3 checkpoint, config.json both ways, and strict, lean loading: the
+model is built on the meta device (no random init), each tensor read, cast and assigned on its own, so loading
+needs about the weights' size in memory; a Qwen3 becomes the Post-LLM, its new H/W parts set by init_hw_from_t.
 neo.py's NEO.from_pretrained and save_pretrained call in here; the forward math is all in neo.py.
 The last section is train.py's own: the resumable ckpt.pt (atomic writes, one run per out_dir, RNG state) and the
 stage folders.
@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import data
+import tokenizer
 from neo import HW_NAMES, NEO, PRESETS, NEOConfig
 
 
@@ -78,7 +79,7 @@ def save_pretrained(model, out_dir, layout="neo"):
 
 def load(path, dtype=None, **overrides):
     """Load (a) a released NEO folder, (b) a Qwen3 folder (it becomes the Post-LLM; n_pre_layers new
-    Pre-Buffer layers go in front; H/W projections per DESIGN §5), or (c) our ckpt.pt (a file, or a
+    Pre-Buffer layers go in front; H/W projections per init_hw_from_t), or (c) our ckpt.pt (a file, or a
     folder holding one), with parameters in `dtype` (None: the checkpoint's own). Strict: a missing,
     unexpected or mis-shaped tensor is an error naming it."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
@@ -106,9 +107,9 @@ def load(path, dtype=None, **overrides):
 
 @torch.no_grad()
 def init_hw_from_t(model):
-    """A Qwen3 turned Post-LLM: new H/W projections that leave the LLM unchanged at step 0 (DESIGN §5). q_proj_hw per
-    head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and [D/2, 3D/4)), concatenated and
-    repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
+    """A Qwen3 turned Post-LLM as VLMTrainKit/neo/model/modeling_neo_qwen3.py does it: the LLM unchanged at step 0.
+    q_proj_hw per head = the rows of q_proj for the highest-frequency rotary pairs ([0, D/4) and [D/2, 3D/4)),
+    concatenated and repeated for H and W; k_proj_hw = 0, so H/W logits start at 0."""
     nh, D, d = model.cfg.n_head, model.cfg.head_dim, model.cfg.d_model
     for blk in model.post_llm:
         a = blk.self_attn
@@ -157,7 +158,7 @@ def image_ids(hf, path):
     keys = {"img_start_id": "<img>", "img_context_id": "<IMG_CONTEXT>", "img_end_id": "</img>"}
     ids = {k: hf[f"{k[:-3]}_token_id"] for k in keys if f"{k[:-3]}_token_id" in hf}
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
-        added = data.read_vocab(path)[1]
+        added = tokenizer.read_vocab(path)[1]
         tok = {k: added[s][0] for k, s in keys.items() if s in added}
         if any(ids.get(k, v) != v for k, v in tok.items()):
             print(f"{path}: config.json and the tokenizer disagree on the image token ids (config {ids}, tokenizer "

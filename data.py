@@ -1,14 +1,14 @@
 """
-Data for nano-NEO: everything between files on disk and the tensors the model eats (../shared/DESIGN.md §1, §2, §6).
+Data for nano-NEO: everything between files on disk and the tensors the model eats, in the order a sample flows.
 
-- tokenizers on tiktoken, offline: "shapes" (the toy: bytes + one token per ShapesWorld word), "bytes", or a
-  Qwen3 / released NEO checkpoint folder
-- images at native resolution (smart resize to multiples of 32 px, ImageNet normalisation) and video frames
-- conversations -> samples (chat template, image spans, labels on assistant turns) -> packed rows
-- LLaVA/NEO JSON/JSONL datasets, and a deterministic, resumable, rank-sharded loader of packed batches
-The toy's own world of coloured shapes, ShapesWorld, is in shapes.py.
+1. an image -> a (3, H, W) tensor at native resolution: smart resize to multiples of 32 px, ImageNet normalisation
+2. a conversation -> a sample: chat template, an image span of <IMG_CONTEXT> tokens per image, labels on
+   assistant turns; a video is its frames, each after a text timestamp (NEO-ov)
+3. samples -> packed rows -> a batch, and a deterministic, resumable, rank-sharded loader of batches
+4. where samples come from: LLaVA/NEO JSON/JSONL datasets (the toy's own world, ShapesWorld, is shapes.py)
+5-6. after the pipeline, reading files safely: bad images; videos through PyAV (which frames, seeking)
 
-    enc = get_tokenizer("/path/Qwen3-1.7B")      # or "shapes", the toy's
+    enc = get_tokenizer("/path/Qwen3-1.7B")      # or "shapes", the toy's (text <-> ids: tokenizer.py)
     loader = PackedLoader(JSONLDataset("ann.jsonl", image_root="/path/images", enc=enc), batch_size=8)
     batch = next(iter(loader))  # input_ids, targets, loss_weights, doc_ids: (B, L); images: [(3, H, W), ...]
     python -m pytest -q test_data.py
@@ -18,191 +18,25 @@ import math
 import os
 import random
 import re
-import unicodedata
 import warnings
-from functools import lru_cache
 
 import numpy as np
-import tiktoken
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tokenizer import encode_text, get_tokenizer, special_ids
+
 IGNORE_INDEX = -100  # same value as neo.IGNORE_INDEX; not imported so data.py loads without the model
 
-# -----------------------------------------------------------------------------
-# Tokenizers
-
-SPECIALS = dict(eot="<|endoftext|>", im_start="<|im_start|>", im_end="<|im_end|>",
-                img_start="<img>", img_end="</img>", img_context="<IMG_CONTEXT>")
-# Qwen2/Qwen3's pre-tokenisation regex (their tokenizer.json): digits are split one by one
-QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-            r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def bytes_to_unicode():
-    """GPT-2's byte <-> printable unicode table: byte-level BPE vocabularies store tokens in this alphabet."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-# Every word ShapesWorld says, and the chat roles. The "shapes" tokenizer makes each one token (alone and after a
-# space), so a toy question costs ~8 tokens instead of ~30 bytes: about 2.5x more samples per CPU-second.
-TOY_WORDS = ("A Describe FPS How I In Is The There What Which a above and appear are assistant at below big bigger "
-             "blue bottom box cat changed circle color cup does dog down first following frame frames from further goes green "
-             "has hat higher image is left lower many map more move of one or pen position range red right sampled second see "
-             "series shape shapes size small square sun system the there this time to top triangle up user video way "
-             "which word written yellow").split()
-
-
-@lru_cache(maxsize=None)
-def toy_ranks():
-    """Byte-level BPE trained here on TOY_WORDS (a few hundred merges, well under a second): bytes keep ids
-    0..255, the 6 special tokens 256..261, merges 262.. in the order they were learnt (tiktoken's rank = id)."""
-    words = sorted({p + w for w in TOY_WORDS for p in ("", " ")})
-    seqs = [[bytes([b]) for b in w.encode()] for w in words]
-    ranks = {bytes([i]): i for i in range(256)}
-    nxt = 256 + len(SPECIALS)
-    while True:
-        pairs = {}
-        for s in seqs:
-            for p in zip(s, s[1:]):
-                pairs[p] = pairs.get(p, 0) + 1
-        if not pairs:
-            break
-        a, b = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent pair; ties broken by bytes: deterministic
-        if a + b not in ranks:
-            ranks[a + b], nxt = nxt, nxt + 1
-        for s in seqs:
-            i = 0
-            while i < len(s) - 1:
-                if s[i] == a and s[i + 1] == b:
-                    s[i:i + 2] = [a + b]
-                i += 1
-    return ranks
-
-
-def get_tokenizer(name_or_path):
-    """'shapes' (the toy: bytes + one token per ShapesWorld word, specials at ids 256..261), 'bytes' (256 byte
-    ids + the same specials), or a folder with tokenizer.json / vocab.json (Qwen3, released NEO)."""
-    if name_or_path in ("shapes", "bytes"):
-        # tiktoken's named encodings download their files on first use; these are built in memory
-        ranks = toy_ranks() if name_or_path == "shapes" else {bytes([i]): i for i in range(256)}
-        return BPE(name_or_path, pat_str=QWEN_PAT, mergeable_ranks=ranks, hidden=range(256, 256 + len(SPECIALS)),
-                   special_tokens={s: 256 + i for i, s in enumerate(SPECIALS.values())})
-    if os.path.isdir(str(name_or_path)):
-        return folder_tokenizer(str(name_or_path))
-    raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'shapes' or 'bytes' (the toy's) or a folder "
-                     f"holding tokenizer.json or vocab.json (a Qwen3 or released NEO checkpoint)")
-
-
-class BPE(tiktoken.Encoding):
-    """A tiktoken.Encoding that also knows what a Hugging Face tokenizer folder adds to its vocabulary: NFC
-    normalisation of input text (Qwen2's tokenizer does it, slow and fast) and the ids of special tokens, which
-    decoded answers leave out (skip_special_tokens=True). Pickles with both."""
-
-    def __init__(self, name, *, nfc=False, hidden=(), **kw):
-        super().__init__(name, **kw)
-        self.nfc, self.hidden = nfc, frozenset(hidden)
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "nfc": self.nfc, "hidden": self.hidden}
-
-
-def read_vocab(path):
-    """-> (vocab {token: id}, added {content: (id, special)}) from a folder's tokenizer.json, or vocab.json with
-    tokenizer_config.json / added_tokens.json (Qwen3, released NEO)."""
-    tj, vj = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
-    added = {}
-    if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            t = json.load(f)
-        vocab = t["model"]["vocab"]
-        added = {a["content"]: (a["id"], a.get("special", True)) for a in t.get("added_tokens", [])}
-    elif os.path.isfile(vj):
-        with open(vj, encoding="utf-8") as f:
-            vocab = json.load(f)
-        tc, at = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "added_tokens.json")
-        if os.path.isfile(at):
-            with open(at, encoding="utf-8") as f:
-                added = {c: (i, True) for c, i in json.load(f).items()}
-        if os.path.isfile(tc):
-            with open(tc, encoding="utf-8") as f:
-                added.update({v["content"]: (int(k), v.get("special", True))
-                              for k, v in json.load(f).get("added_tokens_decoder", {}).items()})
-    else:
-        raise ValueError(f"{path}: no tokenizer.json or vocab.json; get_tokenizer accepts 'bytes' or such a folder")
-    return vocab, added
-
-
-def folder_tokenizer(path):
-    """A byte-level BPE (Qwen3 / NEO) as a tiktoken.Encoding: BPE rank = token id, as in Qwen's own tiktoken
-    origin. Every added token (special or not) becomes a tiktoken special token, which encode_text lets
-    through as one id, except the chat and image markers (user text can never smuggle in <|im_end|> or <img>)."""
-    vocab, added = read_vocab(path)
-    dec = {c: b for b, c in bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if tok not in added}
-    except KeyError as e:
-        raise ValueError(f"{path}: not a byte-level BPE vocabulary (character {e} outside the GPT-2 byte table)")
-    # A plain Qwen3 folder has no image tokens. Append them after the highest id in NEO's order: on Qwen3 this
-    # gives <IMG_CONTEXT> 151669, <img> 151670, </img> 151671, the ids of the released NEO checkpoints.
-    nxt = max(max(ranks.values()), max((i for i, _ in added.values()), default=-1)) + 1
-    for s in ("<IMG_CONTEXT>", "<img>", "</img>"):
-        if s not in added:
-            added[s], nxt = (nxt, True), nxt + 1
-    hidden = {i for i, special in added.values() if special} | {added[s][0] for s in SPECIALS.values() if s in added}
-    return BPE(os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT, mergeable_ranks=ranks,
-               special_tokens={c: i for c, (i, _) in added.items()}, nfc=True, hidden=hidden)
-
-
-def encode_text(enc, text):
-    """Text -> ids as the authors' Hugging Face tokenizer gives them: NFC first (Qwen2's tokenizer normalises), and
-    added tokens typed in the text (<ref>, <box>, <think>, ...) as their one id. The chat and image markers stay
-    plain text: typed, they would end a turn early or break an image span."""
-    if enc.nfc:
-        text = unicodedata.normalize("NFC", text)
-    return enc.encode(text, allowed_special=enc.special_tokens_set - set(SPECIALS.values()), disallowed_special=())
-
-
-def special_ids(enc):
-    """{eot, im_start, im_end, img_start, img_end, img_context} -> id in this tokenizer."""
-    try:
-        return {k: enc.encode_single_token(s) for k, s in SPECIALS.items()}
-    except KeyError as e:
-        raise ValueError(f"tokenizer {enc.name} lacks the special token {e}") from None
-
 
 # -----------------------------------------------------------------------------
-# Images (DESIGN §1)
+# 1. Images -> tensors at native resolution
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 FACTOR = 32             # one visual token = 32x32 px (16-px patches, 2x2 downsampling)
 MAX_ASPECT = 200        # Qwen2-VL / NEO reject longer strips
-MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
 MAX_PIXELS = 16384 * FACTOR * FACTOR  # pixel budget ceiling: 16384 visual tokens (Qwen2-VL's default token budget),
 #                                       a 4096x4096 image; 200 MB as a float tensor, not the 40 GB of an unchecked 1e10
-
-
-class DataError(ValueError):
-    """A file or record that cannot be used; the message names it and says why. `reason` is its kind, the key
-    of the loader's skip report."""
-
-    def __init__(self, msg, reason="unusable image or video"):
-        super().__init__(msg)
-        self.reason = reason
-
-
-def one_line(e):
-    """An exception as one short line (train.py's and sample.py's error messages)."""
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
 def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
@@ -225,80 +59,6 @@ def smart_resize(h, w, min_pixels, max_pixels, factor=FACTOR):
     return hb, wb
 
 
-def to_rgb(img):
-    """Any PIL mode -> RGB. 16-bit and float greys are scaled to 8 bits; transparency is composited."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else (1.0 if a.max() <= 1 else 255.0)
-        img = Image.fromarray(np.clip(a / hi * 255, 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        a = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        alpha = a[..., 3:] / 255
-        lum = a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        # white text on a transparent background would vanish on white: light content goes on black,
-        # dark content on white (the common logo/icon case)
-        bright = (lum * alpha[..., 0]).sum() > 127.5 * max(alpha.sum(), 1e-6)
-        rgb = a[..., :3] * alpha + (0.0 if bright else 255.0) * (1 - alpha)
-        img = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
-    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, ...
-
-
-def authors_rgb(img):
-    """RGB as the released models were trained and evaluated (VLMEvalKit*/vlmeval/vlm/neo/utils.py,
-    load_image_native): an RGBA image with some fully transparent pixel is composited on white (their contrast
-    test compares a 0-255 mean with 382.5, so it never picks black); everything else, other RGBA included, is
-    PIL's convert("RGB"), which drops alpha."""
-    if img.mode == "RGBA":
-        a = np.asarray(img.getchannel("A"))
-        if (a == 0).any() and (a > 0).any():  # all transparent: their test finds no colour and converts
-            bg = Image.new("RGB", img.size, (255, 255, 255))
-            bg.paste(img, mask=img.getchannel("A"))
-            return bg
-    return img.convert("RGB")
-
-
-def check_file(path):
-    name = str(path)
-    if not os.path.isfile(name):
-        raise DataError(f"{name}: no such file")
-    if os.path.getsize(name) == 0:
-        raise DataError(f"{name}: empty file")
-    return name
-
-
-def check_size(name, w, h):
-    """Refuse a picture or video frame too big to decode, or too long a strip, before decoding it."""
-    if w * h > MAX_DECODE_PIXELS:
-        raise DataError(f"{name}: decompression bomb ({w}x{h} px is over the {MAX_DECODE_PIXELS} px limit)")
-    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
-        raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
-
-
-def open_image(src, authors=False):
-    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason.
-    authors=True: the released models' pipeline instead (authors_rgb, no EXIF rotation), the one they learnt."""
-    if isinstance(src, Image.Image):
-        name, img = "<PIL image>", src
-    else:
-        name = check_file(src)
-        try:
-            with warnings.catch_warnings():  # our own size check below is the one that decides
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(name)
-        except Image.DecompressionBombError as e:
-            raise DataError(f"{name}: decompression bomb ({e})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{name}: not an image ({e})") from None
-    check_size(name, *img.size)
-    try:
-        img.load()
-        return authors_rgb(img) if authors else to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DataError(f"{name}: truncated or corrupt image ({e})") from None
-
-
 def to_tensor(img, min_pixels, max_pixels):
     """RGB PIL image -> smart-resized, normalised (3, H, W) float tensor."""
     w, h = img.size
@@ -319,153 +79,7 @@ def load_image(path_or_pil, min_pixels=64 * 64, max_pixels=256 * 256, authors=Fa
 
 
 # -----------------------------------------------------------------------------
-# Video (DESIGN §2, NEO-ov): frames are separate images, each after a text timestamp
-
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-def uniform_indices(n, k):
-    """k indices spread evenly over n frames (the middle of k equal segments)."""
-    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
-
-
-def authors_indices(n, k):
-    """k of n frames as the authors' evaluation samples them (VLMEvalKit*/vlmeval/dataset/videomme.py,
-    save_video_frames): int(i * n / (k + 1)) for i = 1..k, with their float step; repeats when n <= k."""
-    step = n / (k + 1)
-    return [int(i * step) for i in range(1, k + 1)]
-
-
-def frame_indices(n, k, fps, sample_fps=None, authors=False):
-    """Which of n frames (fps: their mean rate) to keep. k frames: authors_indices (or the toy's uniform_indices).
-    sample_fps: the authors' rate rule (VLMEvalKit_ov/vlmeval/dataset/videomme.py, save_video_frames with fps > 0):
-    int(i * fps / sample_fps) for i < int(n / fps * sample_fps), or, when that is over k, int(i * n / (k + 1)) for
-    i < k (their "1fps_max256" is sample_fps=1, k=256); at least one frame where they would take none."""
-    if not sample_fps:
-        return (authors_indices if authors else uniform_indices)(n, k)
-    need = int(n / fps * sample_fps)
-    step = fps / sample_fps if need <= k else n / (k + 1)
-    return [min(int(i * step), n - 1) for i in range(max(1, min(need, k)))]
-
-
-def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, authors):
-    """mp4, webm, mov, mkv, avi, ... through PyAV -> (frames, timestamps, duration), decoding only the frames
-    chosen: a seek back to the keyframe before each, then forward to it, so memory and time follow the frames
-    chosen, not the file's length. Times are the frames' own pts * time_base, from the first frame; a rotation in
-    the stream's display matrix (phone videos) is undone, as players do. Bad files raise DataError naming them."""
-    try:
-        import av  # here, not at the top: the project imports and runs without it
-    except ImportError:
-        raise DataError(f"{name}: reading a video file needs PyAV: pip install av", "video file without PyAV "
-                                                                                    "(pip install av)") from None
-    check_file(name)
-    try:
-        c = av.open(name)
-    except (av.FFmpegError, OSError) as e:
-        raise DataError(f"{name}: not a video, or truncated ({e.strerror or e})") from None
-    with c:
-        if not c.streams.video:
-            raise DataError(f"{name}: no video stream ({'audio only' if c.streams.audio else 'no streams'})")
-        s = c.streams.video[0]
-        if s.codec_context is None:
-            raise DataError(f"{name}: unknown video codec (FFmpeg in PyAV {av.__version__} has no decoder for it)")
-        if s.codec_context.width and s.codec_context.height:  # as the header says; 0: unknown until decoded
-            check_size(name, s.codec_context.width, s.codec_context.height)
-        tb, n, rate = s.time_base, s.frames, s.average_rate
-        # frame times: the header's if it says constant rate (mp4, mov); else a demux-only pass over packet pts
-        if n > 0 and rate and rate == s.guessed_rate and s.start_time is not None and s.duration:
-            start, dur, fps, half = s.start_time, float(s.duration * tb), float(rate), 0.5 / rate / tb
-            pts_of = lambda i: start + round(i / rate / tb)  # frame i's time, to within half a frame
-        else:
-            with av.open(name) as probe:
-                pk = sorted((p.pts, p.duration or 0) for p in probe.demux(probe.streams.video[0]) if p.pts is not None)
-            if not pk:
-                raise DataError(f"{name}: no video frames")
-            n, start = len(pk), pk[0][0]
-            gap = (pk[-1][0] - start) / max(n - 1, 1)  # mean spacing, for packets that carry no duration
-            dur = float((max(p + (d or gap) for p, d in pk) - start) * tb) or (c.duration or 0) / 1e6
-            fps, half, pts_of = n / max(dur, 1e-6), 0, lambda i: pk[i][0]
-        idx = frame_indices(n, num_frames, fps, sample_fps, authors)
-        got, frames, last = {}, iter(c.decode(s)), start
-        far = 2 / tb  # decoding on beats seeking for a frame under 2 s ahead (keyframes are 1-10 s apart)
-        try:
-            for t in sorted({pts_of(i) for i in idx}):
-                if t - last > far:
-                    try:
-                        c.seek(t, stream=s)  # to the keyframe at or before t
-                        frames = iter(c.decode(s))
-                    except av.FFmpegError:  # a stream that cannot seek: decode on
-                        pass
-                f = next((f for f in frames if f.pts is not None and f.pts >= t - half), None)
-                if f is None:
-                    raise DataError(f"{name}: truncated (no frame at {float((t - start) * tb):.2f} s of {dur:.2f} s)")
-                last, img = f.pts, f.to_image()
-                rot = round(getattr(f, "rotation", 0) / 90) % 4  # counter-clockwise, as PIL's ROTATE_90
-                img = img.transpose([None, Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270][rot]) if rot else img
-                got[t] = (to_tensor(img, min_pixels, max_pixels), float((f.pts - start) * tb))
-        except av.FFmpegError as e:
-            raise DataError(f"{name}: truncated or corrupt video ({e.strerror})") from None
-    frames, stamps = zip(*(got[pts_of(i)] for i in idx))
-    return list(frames), list(stamps), dur
-
-
-def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False,
-               sample_fps=None):
-    """A video file (mp4, webm, mov, mkv, avi, ...: read_video_file), a folder of frames, a list of frame files, or
-    an animated GIF/WebP -> (frames, timestamps, duration).
-
-    frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
-    num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
-    frame durations. Timestamps and duration are in seconds. num_frames frames, or with sample_fps that many per
-    second, at most num_frames (frame_indices). authors=True: frames chosen and loaded as the released models'
-    evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
-    if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
-        files = list(path) if isinstance(path, (list, tuple)) else sorted(
-            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
-        if not files:
-            raise DataError(f"{path}: no frames")
-        idx = frame_indices(len(files), num_frames, fps, sample_fps, authors)
-        frames = [load_image(files[i], min_pixels, max_pixels, authors) for i in idx]
-        return frames, [i / fps for i in idx], len(files) / fps
-    if not str(path).lower().endswith(IMAGE_EXT):
-        return read_video_file(str(path), num_frames, min_pixels, max_pixels, sample_fps, authors)
-    img = open_image(path, authors)  # validates the file (missing, empty, bomb, ...); frames are read below
-    anim = Image.open(path)
-    n = getattr(anim, "n_frames", 1)
-    starts, t = [], 0.0
-    for i in range(n):  # each frame's start time from the animation's own durations (ms)
-        anim.seek(i)
-        starts.append(t)
-        t += (anim.info.get("duration") or 1000 / fps) / 1000
-    frames, idx = [], frame_indices(n, num_frames, n / t, sample_fps, authors)
-    for i in idx:
-        anim.seek(i)
-        rgb = (authors_rgb if authors else to_rgb)(anim.convert("RGBA")) if n > 1 else img
-        frames.append(to_tensor(rgb, min_pixels, max_pixels))
-    return frames, [starts[i] for i in idx], t
-
-
-def video_head(n_frames, duration, authors=False):
-    """DESIGN §2's line before the frames. The authors' video datasets (VLMEvalKit_ov/vlmeval/dataset/videomme.py)
-    print the rate as round(fps, 1) ("1.0"); the toy trained with "{fps:.2g}" ("1")."""
-    mmss = lambda s: f"{int(s // 60):02d}:{int(s % 60):02d}"
-    fps = n_frames / max(duration, 1e-6)
-    return (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
-            f"{n_frames} frames sampled at {round(fps, 1) if authors else format(fps, '.2g')} FPS.\n")
-
-
-def timestamp(t):
-    """Seconds -> "MM:SS.ss", the frame timestamps of DESIGN §2."""
-    return f"{int(t // 60):02d}:{t % 60:05.2f}"
-
-
-def video_prompt(timestamps, duration, authors=False):
-    """The text of DESIGN §2 with one `<image>` placeholder per frame."""
-    return video_head(len(timestamps), duration, authors) + "".join(f"[{timestamp(t)}]:<image>\n" for t in timestamps)
-
-
-# -----------------------------------------------------------------------------
-# Conversations -> samples -> packed rows (DESIGN §6)
+# 2. Conversations -> samples: chat template, image spans, labels; a video's text around its frames
 
 
 def image_span(img, ids):
@@ -519,6 +133,32 @@ def build_prompt(enc, messages, images=()):
     return {"input_ids": ids, "images": s["images"]}
 
 
+def video_head(n_frames, duration, authors=False):
+    """The line before a video's frames. The authors' video datasets (VLMEvalKit_ov/vlmeval/dataset/videomme.py)
+    print the rate as round(fps, 1) ("1.0"); the toy trained with "{fps:.2g}" ("1")."""
+    mmss = lambda s: f"{int(s // 60):02d}:{int(s % 60):02d}"
+    fps = n_frames / max(duration, 1e-6)
+    return (f"The time range of this video is [{mmss(0)}-{mmss(duration)}], and the following is a series of "
+            f"{n_frames} frames sampled at {round(fps, 1) if authors else format(fps, '.2g')} FPS.\n")
+
+
+def timestamp(t):
+    """Seconds -> "MM:SS.ss", a frame's timestamp."""
+    return f"{int(t // 60):02d}:{t % 60:05.2f}"
+
+
+def video_prompt(timestamps, duration, authors=False):
+    """A video as text: video_head, then "[MM:SS.ss]:<image>" per frame (NEO-ov's layout)."""
+    return video_head(len(timestamps), duration, authors) + "".join(f"[{timestamp(t)}]:<image>\n" for t in timestamps)
+
+
+# -----------------------------------------------------------------------------
+# 3. Samples -> packed rows -> batches, and the loader. Batch k is a pure function of (seed, k): its samples
+# are drawn at random (with replacement, like nanoGPT's get_batch) from a generator seeded by (seed, k). So
+# workers, ranks and resume need no coordination: rank r of W takes global batches r, r+W, ... (exactly the
+# micro-batches one process would see with W-fold gradient accumulation); the position to resume is one integer.
+
+
 def pack(samples, batch_size, max_seq_len, patience=None):
     """First-fit of whole samples into batch_size rows: -> (rows, leftover). A sample is never split, so
     neither is any image span. samples may be endless (the loader's): then packing stops once `patience`
@@ -562,8 +202,116 @@ def collate(rows, max_seq_len, pad_id):
     return {"input_ids": x, "targets": y, "loss_weights": w, "doc_ids": doc, "images": images}
 
 
+
+class PackedLoader:
+    """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
+    [i] -> sample or None). state_dict()/load_state_dict() resume exactly. Unusable samples are skipped and
+    counted per reason (`skips`, with the first few offenders in `examples`; report() says it in lines); a
+    warning names each reason when its count reaches 1, 10, 100, ..."""
+
+    def __init__(self, source, batch_size=16, max_seq_len=512, rank=0, world_size=1, seed=0, num_workers=0,
+                 patience=4):
+        self.source, self.batch_size, self.max_seq_len = source, batch_size, max_seq_len
+        self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
+        self.patience = patience  # stop filling a batch once this many samples found no room (pack)
+        self.pad_id = special_ids(source.enc)["eot"]
+        self.too_long_reason = f"longer than max_seq_len={max_seq_len}"
+        self.step, self.skips, self.examples = 0, {}, {}
+
+    @property
+    def skipped(self):
+        return sum(self.skips.values())
+
+    @property
+    def too_long(self):
+        return self.skips.get(self.too_long_reason, 0)
+
+    @property
+    def bad(self):
+        return self.skipped - self.too_long
+
+    def skip_why(self, i, s):
+        """Sample i (None: the source could not make it) -> (reason, where and what) if unusable, else None."""
+        where = self.source.where(i) if hasattr(self.source, "where") else f"sample {i}"
+        if s is None:
+            return (getattr(self.source, "last_reason", "") or "bad sample",
+                    getattr(self.source, "last_error", "") or where)
+        if len(s["input_ids"]) > self.max_seq_len:
+            return self.too_long_reason, f"{where} ({len(s['input_ids'])} tokens)"
+        # a sample without a target teaches nothing, and 0 tokens always fit a row: the batch would never fill
+        if all(t == IGNORE_INDEX for t in s["labels"][1:]):
+            return "nothing to learn (no assistant turn or caption)", where
+        return None
+
+    def make_batch(self, k):
+        """Global batch k -> (batch, {reason: [count, first example]} of the samples skipped for it)."""
+        rng, skips = random.Random(f"batch/{self.seed}/{k}"), {}
+
+        def usable():  # endless random draws, the unusable ones counted in skips and left out
+            n = 0
+            while True:
+                i = rng.randrange(len(self.source))
+                s = self.source[i]
+                why = self.skip_why(i, s)
+                if not why:
+                    n += 1
+                    yield s
+                    continue
+                skips.setdefault(why[0], [0, why[1]])[0] += 1
+                if sum(c for c, _ in skips.values()) > 1000 and n == 0:
+                    raise DataError("no usable sample in 1000 draws: " + "; ".join(
+                        f"{c} {r} (first: {ex[:200]})" for r, (c, ex) in skips.items()), "no usable sample")
+
+        rows, _ = pack(usable(), self.batch_size, self.max_seq_len, self.patience)
+        return collate(rows, self.max_seq_len, self.pad_id), skips
+
+    def __iter__(self):
+        ds = _Batches(self, self.step)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)) \
+            if self.num_workers > 0 else iter(ds)
+        for batch, skips in it:
+            self.step += 1
+            for reason, (n, example) in skips.items():
+                before = self.skips.get(reason, 0)
+                self.skips[reason] = before + n
+                if len(self.examples.setdefault(reason, [])) < 3:
+                    self.examples[reason].append(example[:300])
+                if len(str(before)) != len(str(before + n)) or before == 0:  # at 1, 10, 100, ...
+                    warnings.warn(f"skipped {before + n} samples {reason} so far (first: {self.examples[reason][0]})")
+            yield batch
+
+    def report(self):
+        """The skips as lines, most frequent reason first: count, reason, the first few offenders."""
+        return [f"{n} {r}; first: " + " | ".join(self.examples.get(r, [])) for r, n in
+                sorted(self.skips.items(), key=lambda kv: -kv[1])]
+
+    def state_dict(self):
+        # batches consumed over all ranks: a resume with another world size continues from the same place
+        return {"batches": self.step * self.world_size, "bad": self.bad, "too_long": self.too_long, "seed": self.seed,
+                "skips": dict(self.skips), "examples": {r: list(e) for r, e in self.examples.items()}}
+
+    def load_state_dict(self, s):
+        self.step = s["batches"] // self.world_size
+        self.skips = dict(s.get("skips") or {"bad sample": s["bad"], self.too_long_reason: s["too_long"]})
+        self.skips = {r: n for r, n in self.skips.items() if n}
+        self.examples = {r: list(e) for r, e in s.get("examples", {}).items()}
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    def __init__(self, loader, start):
+        self.loader, self.start = loader, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        ld, m = self.loader, wid  # DataLoader takes from its workers in turn: worker w makes batches w, w+nw, ...
+        while True:
+            yield ld.make_batch(ld.rank + ld.world_size * (self.start + m))
+            m += nw
+
+
 # -----------------------------------------------------------------------------
-# LLaVA / NEO JSON(L) datasets
+# 4. LLaVA / NEO JSON(L) datasets
 
 MALFORMED = "malformed record (a field missing or of the wrong type)"
 
@@ -713,114 +461,222 @@ class JSONLDataset:
 
 
 # -----------------------------------------------------------------------------
-# Loader: packed batches. Batch k is a pure function of (seed, k): its samples are drawn at random (with
-# replacement, like nanoGPT's get_batch) from a generator seeded by (seed, k). So workers, ranks and resume
-# need no coordination: rank r of W takes global batches r, r+W, ... (exactly the micro-batches one process
-# would see with W-fold gradient accumulation), and the position to resume from is one integer.
+# 5. Reading image files: a bad file is refused with one line naming it
+
+MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 Mpx: bigger files are refused before they are decoded
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, loader, start):
-        self.loader, self.start = loader, start
+class DataError(ValueError):
+    """A file or record that cannot be used; the message names it and says why. `reason` is its kind, the key
+    of the loader's skip report."""
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        ld, m = self.loader, wid  # DataLoader takes from its workers in turn: worker w makes batches w, w+nw, ...
-        while True:
-            yield ld.make_batch(ld.rank + ld.world_size * (self.start + m))
-            m += nw
+    def __init__(self, msg, reason="unusable image or video"):
+        super().__init__(msg)
+        self.reason = reason
 
 
-class PackedLoader:
-    """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
-    [i] -> sample or None). state_dict()/load_state_dict() resume exactly. Unusable samples are skipped and
-    counted per reason (`skips`, with the first few offenders in `examples`; report() says it in lines); a
-    warning names each reason when its count reaches 1, 10, 100, ..."""
+def one_line(e):
+    """An exception as one short line (train.py's and sample.py's error messages)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
-    def __init__(self, source, batch_size=16, max_seq_len=512, rank=0, world_size=1, seed=0, num_workers=0,
-                 patience=4):
-        self.source, self.batch_size, self.max_seq_len = source, batch_size, max_seq_len
-        self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
-        self.patience = patience  # stop filling a batch once this many samples found no room (pack)
-        self.pad_id = special_ids(source.enc)["eot"]
-        self.too_long_reason = f"longer than max_seq_len={max_seq_len}"
-        self.step, self.skips, self.examples = 0, {}, {}
 
-    @property
-    def skipped(self):
-        return sum(self.skips.values())
+def to_rgb(img):
+    """Any PIL mode -> RGB. 16-bit and float greys are scaled to 8 bits; transparency is composited."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else (1.0 if a.max() <= 1 else 255.0)
+        img = Image.fromarray(np.clip(a / hi * 255, 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        a = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = a[..., 3:] / 255
+        lum = a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        # white text on a transparent background would vanish on white: light content goes on black,
+        # dark content on white (the common logo/icon case)
+        bright = (lum * alpha[..., 0]).sum() > 127.5 * max(alpha.sum(), 1e-6)
+        rgb = a[..., :3] * alpha + (0.0 if bright else 255.0) * (1 - alpha)
+        img = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, ...
 
-    @property
-    def too_long(self):
-        return self.skips.get(self.too_long_reason, 0)
 
-    @property
-    def bad(self):
-        return self.skipped - self.too_long
+def authors_rgb(img):
+    """RGB as the released models were trained and evaluated (VLMEvalKit*/vlmeval/vlm/neo/utils.py,
+    load_image_native): an RGBA image with some fully transparent pixel is composited on white (their contrast
+    test compares a 0-255 mean with 382.5, so it never picks black); everything else, other RGBA included, is
+    PIL's convert("RGB"), which drops alpha."""
+    if img.mode == "RGBA":
+        a = np.asarray(img.getchannel("A"))
+        if (a == 0).any() and (a > 0).any():  # all transparent: their test finds no colour and converts
+            bg = Image.new("RGB", img.size, (255, 255, 255))
+            bg.paste(img, mask=img.getchannel("A"))
+            return bg
+    return img.convert("RGB")
 
-    def skip_why(self, i, s):
-        """Sample i (None: the source could not make it) -> (reason, where and what) if unusable, else None."""
-        where = self.source.where(i) if hasattr(self.source, "where") else f"sample {i}"
-        if s is None:
-            return (getattr(self.source, "last_reason", "") or "bad sample",
-                    getattr(self.source, "last_error", "") or where)
-        if len(s["input_ids"]) > self.max_seq_len:
-            return self.too_long_reason, f"{where} ({len(s['input_ids'])} tokens)"
-        # a sample without a target teaches nothing, and 0 tokens always fit a row: the batch would never fill
-        if all(t == IGNORE_INDEX for t in s["labels"][1:]):
-            return "nothing to learn (no assistant turn or caption)", where
-        return None
 
-    def make_batch(self, k):
-        """Global batch k -> (batch, {reason: [count, first example]} of the samples skipped for it)."""
-        rng, skips = random.Random(f"batch/{self.seed}/{k}"), {}
+def check_file(path):
+    name = str(path)
+    if not os.path.isfile(name):
+        raise DataError(f"{name}: no such file")
+    if os.path.getsize(name) == 0:
+        raise DataError(f"{name}: empty file")
+    return name
 
-        def usable():  # endless random draws, the unusable ones counted in skips and left out
-            n = 0
-            while True:
-                i = rng.randrange(len(self.source))
-                s = self.source[i]
-                why = self.skip_why(i, s)
-                if not why:
-                    n += 1
-                    yield s
-                    continue
-                skips.setdefault(why[0], [0, why[1]])[0] += 1
-                if sum(c for c, _ in skips.values()) > 1000 and n == 0:
-                    raise DataError("no usable sample in 1000 draws: " + "; ".join(
-                        f"{c} {r} (first: {ex[:200]})" for r, (c, ex) in skips.items()), "no usable sample")
 
-        rows, _ = pack(usable(), self.batch_size, self.max_seq_len, self.patience)
-        return collate(rows, self.max_seq_len, self.pad_id), skips
+def check_size(name, w, h):
+    """Refuse a picture or video frame too big to decode, or too long a strip, before decoding it."""
+    if w * h > MAX_DECODE_PIXELS:
+        raise DataError(f"{name}: decompression bomb ({w}x{h} px is over the {MAX_DECODE_PIXELS} px limit)")
+    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
+        raise DataError(f"{name}: aspect ratio {w}x{h} is over {MAX_ASPECT}:1")
 
-    def __iter__(self):
-        ds = _Batches(self, self.step)
-        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)) \
-            if self.num_workers > 0 else iter(ds)
-        for batch, skips in it:
-            self.step += 1
-            for reason, (n, example) in skips.items():
-                before = self.skips.get(reason, 0)
-                self.skips[reason] = before + n
-                if len(self.examples.setdefault(reason, [])) < 3:
-                    self.examples[reason].append(example[:300])
-                if len(str(before)) != len(str(before + n)) or before == 0:  # at 1, 10, 100, ...
-                    warnings.warn(f"skipped {before + n} samples {reason} so far (first: {self.examples[reason][0]})")
-            yield batch
 
-    def report(self):
-        """The skips as lines, most frequent reason first: count, reason, the first few offenders."""
-        return [f"{n} {r}; first: " + " | ".join(self.examples.get(r, [])) for r, n in
-                sorted(self.skips.items(), key=lambda kv: -kv[1])]
+def open_image(src, authors=False):
+    """A PIL image in RGB, EXIF orientation applied; bad files raise DataError naming the file and the reason.
+    authors=True: the released models' pipeline instead (authors_rgb, no EXIF rotation), the one they learnt."""
+    if isinstance(src, Image.Image):
+        name, img = "<PIL image>", src
+    else:
+        name = check_file(src)
+        try:
+            with warnings.catch_warnings():  # our own size check below is the one that decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(name)
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{name}: decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{name}: not an image ({e})") from None
+    check_size(name, *img.size)
+    try:
+        img.load()
+        return authors_rgb(img) if authors else to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{name}: truncated or corrupt image ({e})") from None
 
-    def state_dict(self):
-        # batches consumed over all ranks: a resume with another world size continues from the same place
-        return {"batches": self.step * self.world_size, "bad": self.bad, "too_long": self.too_long, "seed": self.seed,
-                "skips": dict(self.skips), "examples": {r: list(e) for r, e in self.examples.items()}}
 
-    def load_state_dict(self, s):
-        self.step = s["batches"] // self.world_size
-        self.skips = dict(s.get("skips") or {"bad sample": s["bad"], self.too_long_reason: s["too_long"]})
-        self.skips = {r: n for r, n in self.skips.items() if n}
-        self.examples = {r: list(e) for r, e in s.get("examples", {}).items()}
+# -----------------------------------------------------------------------------
+# 6. Video files, frame folders, animations (NEO-ov): which frames, and decoding only those
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def uniform_indices(n, k):
+    """k indices spread evenly over n frames (the middle of k equal segments)."""
+    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
+
+
+def authors_indices(n, k):
+    """k of n frames as the authors' evaluation samples them (VLMEvalKit*/vlmeval/dataset/videomme.py,
+    save_video_frames): int(i * n / (k + 1)) for i = 1..k, with their float step; repeats when n <= k."""
+    step = n / (k + 1)
+    return [int(i * step) for i in range(1, k + 1)]
+
+
+def frame_indices(n, k, fps, sample_fps=None, authors=False):
+    """Which of n frames (fps: their mean rate) to keep. k frames: authors_indices (or the toy's uniform_indices).
+    sample_fps: the authors' rate rule (VLMEvalKit_ov/vlmeval/dataset/videomme.py, save_video_frames with fps > 0):
+    int(i * fps / sample_fps) for i < int(n / fps * sample_fps), or, when that is over k, int(i * n / (k + 1)) for
+    i < k (their "1fps_max256" is sample_fps=1, k=256); at least one frame where they would take none."""
+    if not sample_fps:
+        return (authors_indices if authors else uniform_indices)(n, k)
+    need = int(n / fps * sample_fps)
+    step = fps / sample_fps if need <= k else n / (k + 1)
+    return [min(int(i * step), n - 1) for i in range(max(1, min(need, k)))]
+
+
+def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, authors):
+    """mp4, webm, mov, mkv, avi, ... through PyAV -> (frames, timestamps, duration), decoding only the frames
+    chosen: a seek back to the keyframe before each, then forward to it, so memory and time follow the frames
+    chosen, not the file's length. Times are the frames' own pts * time_base, from the first frame; a rotation in
+    the stream's display matrix (phone videos) is undone, as players do. Bad files raise DataError naming them."""
+    try:
+        import av  # here, not at the top: the project imports and runs without it
+    except ImportError:
+        raise DataError(f"{name}: reading a video file needs PyAV: pip install av", "video file without PyAV "
+                                                                                    "(pip install av)") from None
+    check_file(name)
+    try:
+        c = av.open(name)
+    except (av.FFmpegError, OSError) as e:
+        raise DataError(f"{name}: not a video, or truncated ({e.strerror or e})") from None
+    with c:
+        if not c.streams.video:
+            raise DataError(f"{name}: no video stream ({'audio only' if c.streams.audio else 'no streams'})")
+        s = c.streams.video[0]
+        if s.codec_context is None:
+            raise DataError(f"{name}: unknown video codec (FFmpeg in PyAV {av.__version__} has no decoder for it)")
+        if s.codec_context.width and s.codec_context.height:  # as the header says; 0: unknown until decoded
+            check_size(name, s.codec_context.width, s.codec_context.height)
+        tb, n, rate = s.time_base, s.frames, s.average_rate
+        # frame times: the header's if it says constant rate (mp4, mov); else a demux-only pass over packet pts
+        if n > 0 and rate and rate == s.guessed_rate and s.start_time is not None and s.duration:
+            start, dur, fps, half = s.start_time, float(s.duration * tb), float(rate), 0.5 / rate / tb
+            pts_of = lambda i: start + round(i / rate / tb)  # frame i's time, to within half a frame
+        else:
+            with av.open(name) as probe:
+                pk = sorted((p.pts, p.duration or 0) for p in probe.demux(probe.streams.video[0]) if p.pts is not None)
+            if not pk:
+                raise DataError(f"{name}: no video frames")
+            n, start = len(pk), pk[0][0]
+            gap = (pk[-1][0] - start) / max(n - 1, 1)  # mean spacing, for packets that carry no duration
+            dur = float((max(p + (d or gap) for p, d in pk) - start) * tb) or (c.duration or 0) / 1e6
+            fps, half, pts_of = n / max(dur, 1e-6), 0, lambda i: pk[i][0]
+        idx = frame_indices(n, num_frames, fps, sample_fps, authors)
+        got, frames, last = {}, iter(c.decode(s)), start
+        far = 2 / tb  # decoding on beats seeking for a frame under 2 s ahead (keyframes are 1-10 s apart)
+        try:
+            for t in sorted({pts_of(i) for i in idx}):
+                if t - last > far:
+                    try:
+                        c.seek(t, stream=s)  # to the keyframe at or before t
+                        frames = iter(c.decode(s))
+                    except av.FFmpegError:  # a stream that cannot seek: decode on
+                        pass
+                f = next((f for f in frames if f.pts is not None and f.pts >= t - half), None)
+                if f is None:
+                    raise DataError(f"{name}: truncated (no frame at {float((t - start) * tb):.2f} s of {dur:.2f} s)")
+                last, img = f.pts, f.to_image()
+                rot = round(getattr(f, "rotation", 0) / 90) % 4  # counter-clockwise, as PIL's ROTATE_90
+                img = img.transpose([None, Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270][rot]) if rot else img
+                got[t] = (to_tensor(img, min_pixels, max_pixels), float((f.pts - start) * tb))
+        except av.FFmpegError as e:
+            raise DataError(f"{name}: truncated or corrupt video ({e.strerror})") from None
+    frames, stamps = zip(*(got[pts_of(i)] for i in idx))
+    return list(frames), list(stamps), dur
+
+
+def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False,
+               sample_fps=None):
+    """A video file (mp4, webm, mov, mkv, avi, ...: read_video_file), a folder of frames, a list of frame files, or
+    an animated GIF/WebP -> (frames, timestamps, duration).
+
+    frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
+    num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
+    frame durations. Timestamps and duration are in seconds. num_frames frames, or with sample_fps that many per
+    second, at most num_frames (frame_indices). authors=True: frames chosen and loaded as the released models'
+    evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
+    if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
+        files = list(path) if isinstance(path, (list, tuple)) else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
+        if not files:
+            raise DataError(f"{path}: no frames")
+        idx = frame_indices(len(files), num_frames, fps, sample_fps, authors)
+        frames = [load_image(files[i], min_pixels, max_pixels, authors) for i in idx]
+        return frames, [i / fps for i in idx], len(files) / fps
+    if not str(path).lower().endswith(IMAGE_EXT):
+        return read_video_file(str(path), num_frames, min_pixels, max_pixels, sample_fps, authors)
+    img = open_image(path, authors)  # validates the file (missing, empty, bomb, ...); frames are read below
+    anim = Image.open(path)
+    n = getattr(anim, "n_frames", 1)
+    starts, t = [], 0.0
+    for i in range(n):  # each frame's start time from the animation's own durations (ms)
+        anim.seek(i)
+        starts.append(t)
+        t += (anim.info.get("duration") or 1000 / fps) / 1000
+    frames, idx = [], frame_indices(n, num_frames, n / t, sample_fps, authors)
+    for i in idx:
+        anim.seek(i)
+        rgb = (authors_rgb if authors else to_rgb)(anim.convert("RGBA")) if n > 1 else img
+        frames.append(to_tensor(rgb, min_pixels, max_pixels))
+    return frames, [starts[i] for i in idx], t

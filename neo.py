@@ -1,14 +1,16 @@
 """
 NEO, a native vision-language model, in one file ("From Pixels to Words", arXiv 2510.14979; NEO-ov, arXiv
 2605.28820). No vision encoder: raw pixels go through two small convolutions straight into one decoder-only
-transformer, which learns to see and to speak at once. Notable features, each its own piece of code below:
+transformer, which learns to see and to speak at once. Notable features, each a numbered section below:
   1. PatchEmbed: Conv(16 px) -> GELU -> 2-D rotary rotation of the patch features -> Conv(2x2): one visual
      token covers 32x32 pixels at the image's native resolution.
-  2. Native-RoPE + multi-head native attention (Attention): every token carries (t, h, w) indices; q/k have the
-     LLM's own T channels (base 1e6) plus D extra H/W channels (base 1e4) with their own norms.
+  2. Native-RoPE indices (build_positions): every token carries (t, h, w); an image of any size uses one t.
   3. The mixed mask (build_attention_mask): causal over text, bidirectional inside one image.
-  4. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
-The math follows ../shared/DESIGN.md and reproduces the authors' logits (python -m pytest -q test_neo.py).
+  4. Multi-head native attention (Attention): q/k have the LLM's own T channels (base 1e6) plus D extra H/W
+     channels (base 1e4) with their own norms.
+  5. Pre-Buffer / Post-LLM (NEO.forward): L_pre new layers in front of a pretrained Qwen3.
+The math is the NEO paper's §3.1 as the authors' code computes it (VLMTrainKit/neo/model/modeling_neo_qwen3.py
+and modeling_neo_vit.py there), and reproduces their logits (python -m pytest -q test_neo.py).
 
     from neo import NEO; NEO.from_pretrained("out/final")   # used by train.py and sample.py
     python sample.py --draw_mask mask.png                   # this file's indices and mask, drawn
@@ -86,7 +88,7 @@ NEO_SHARED = dict(vocab_size=151936, max_seq_len=8192, vision_dim=1024, min_pixe
                   max_pixels=2048 * 2048, img_start_id=151670, img_end_id=151671, img_context_id=151669)
 PRESETS = {
     "toy": dict(),  # ~5.4M parameters: trains on a 2-core CPU in minutes; NEO's architecture, smaller sizes
-    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers; NEO-9B = Qwen3-8B (36, untied) + 6 (DESIGN.md §5)
+    # NEO-2.2B = Qwen3-1.7B (28 layers) + 12 Pre-Buffer layers; NEO-9B = Qwen3-8B (36, untied) + 6 (their config.json)
     "neo-2b": dict(**NEO_SHARED, d_model=2048, n_layer=28, n_pre_layers=12, n_head=16, n_kv_head=8, head_dim=128,
                    d_mlp=6144, tie_word_embeddings=True),
     "neo-9b": dict(**NEO_SHARED, d_model=4096, n_layer=36, n_pre_layers=6, n_head=32, n_kv_head=8, head_dim=128,
@@ -119,10 +121,10 @@ def rope_cos_sin(pos, dim, theta):
 
 def apply_rope(x, cos, sin, halves):
     """x * cos + rotate_half(x) * sin for consecutive parts of x's channels at once (halves: each part's two half
-    sizes). rotate_half(x1, x2) = (-x2, x1), and sin carries the minus signs (NEO.rope_tables): swap the halves."""
-    p = x.split(halves, dim=-1)
-    swapped = torch.cat([p[i ^ 1] for i in range(len(p))], dim=-1)  # (x2, x1) of every part
-    return (x * cos + swapped * sin).to(x.dtype)
+    sizes, cos/sin: NEO.rope_tables'). rotate_half(x1, x2) = (-x2, x1): channel i turns with channel i + half."""
+    p = x.split(halves, dim=-1)  # (x1, x2) of each part: T1 T2 H1 H2 W1 W2 (native), T1 T2 (1d)
+    rotated = torch.cat([h for x1, x2 in zip(p[0::2], p[1::2]) for h in (-x2, x1)], dim=-1)  # rotate_half, each part
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def rope_interleaved(x, pos, theta):
@@ -192,7 +194,7 @@ class PatchEmbed(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 2. Native-RoPE indices and 4. the mixed mask
+# 2. Native-RoPE indices and 3. the mixed mask
 
 
 def build_positions(input_ids, grids, cfg, doc_ids=None):
@@ -324,7 +326,7 @@ def attention_probs(q, k, mask, scale):
 
 
 # -----------------------------------------------------------------------------
-# 3. Multi-head native attention, and the rest of a Qwen3 layer
+# 4. Multi-head native attention, and the rest of a Qwen3 layer
 
 
 class Attention(nn.Module):
@@ -392,7 +394,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The model, and its KV cache for generate()
+# 5. The model: Pre-Buffer then Post-LLM, and its KV cache for generate()
 
 HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 
@@ -436,8 +438,8 @@ class NEO(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, modules=None):
-        """The one place weights are initialised (DESIGN.md §5, as the authors' Pre-Buffer): Linear, Conv and
-        Embedding weights N(0, 0.02), biases 0, norm scales 1. modules: only these (default all)."""
+        """The one place weights are initialised, as VLMTrainKit/neo/model/modeling_neo_qwen3.py does the Pre-Buffer:
+        Linear, Conv and Embedding weights N(0, 0.02), biases 0, norm scales 1. modules: only these (default all)."""
         for m in self.modules() if modules is None else modules:
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -463,10 +465,8 @@ class NEO(nn.Module):
         if cfg.rope == "native":
             parts += [rope_cos_sin(pos[1], D // 2, cfg.rope_theta_hw), rope_cos_sin(pos[2], D // 2, cfg.rope_theta_hw)]
         halves = [c.shape[-1] // 2 for c, _ in parts for _ in range(2)]
-        sign = torch.cat([torch.full((n,), -1.0 if i % 2 == 0 else 1.0, device=pos.device)
-                          for i, n in enumerate(halves)])    # rotate_half's (-x2, x1): minus on each first half
         cos = torch.cat([c for c, _ in parts], dim=-1)       # (B, L, 2D)
-        sin = torch.cat([s for _, s in parts], dim=-1) * sign
+        sin = torch.cat([s for _, s in parts], dim=-1)
         return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype), halves  # broadcast over heads
 
     def forward(self, input_ids, images=None, targets=None, doc_ids=None, loss_weights=None,
@@ -482,7 +482,7 @@ class NEO(nn.Module):
             pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
             pos[0] = cache.next_t[:, None]
             mask = None  # one new token may see the whole cache
-        else:  # the mixed mask of DESIGN §4 (a FlexAttention BlockMask for long packs on CUDA)
+        else:  # the mixed mask of section 3 above (a FlexAttention BlockMask for long packs on CUDA)
             pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
             docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
@@ -503,7 +503,7 @@ class NEO(nn.Module):
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none")
         w = (targets != IGNORE_INDEX if loss_weights is None else loss_weights).reshape(-1).float()
-        return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # DESIGN §6: sum(w * CE) / sum(w)
+        return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # sum(w * CE) / sum(w), w: data.collate's
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -551,7 +551,7 @@ class NEO(nn.Module):
                 self.generate_stream(input_ids, images, **kw)]
         return torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    # ---- checkpoints in the authors' layout (DESIGN.md §7); the name maps and file I/O are in checkpoint.py
+    # ---- checkpoints in the authors' layout (checkpoint.py holds the name maps and the file I/O)
 
     def save_pretrained(self, out_dir, layout="neo"):
         """config.json + model.safetensors in the authors' layout (layout="qwen3": the Post-LLM alone, as a Qwen3)."""
@@ -600,9 +600,10 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None, top_p=None,
 
 
 def set_trainable(model, stage):
-    """requires_grad per stage (DESIGN.md §6). pretrain: exactly NEO's new parts, the patch embedding, every
-    Pre-Buffer layer and the H/W q/k projections and norms of every layer (the released code got this wrong,
-    DESIGN §8); llm (toy only): exactly the rest, the text model; midtrain, sft and the toy's spatial: everything."""
+    """requires_grad per stage (paper §3.2). pretrain: exactly NEO's new parts, the patch embedding, every
+    Pre-Buffer layer and the H/W q/k projections and norms of every layer (the authors' train_buffer switch in
+    VLMTrainKit/neo/train/train.py is never applied); llm (toy only): exactly the rest, the text model; midtrain,
+    sft and the toy's spatial: everything."""
     if stage not in ("llm", "pretrain", "midtrain", "spatial", "sft"):
         raise ValueError(f"unknown stage {stage!r}; choose llm, pretrain, midtrain, spatial or sft")
     for name, p in model.named_parameters():

@@ -33,6 +33,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import tokenizer
 from common import choose_device, probe_cpu
 from neo import NEO, KVCache, NEOConfig, build_attention_mask, build_positions
 
@@ -222,8 +223,8 @@ def load_tokenizer(path):
         ours = os.path.isfile(os.path.join(path, "tokenizer.txt")) or \
             '"nano_neo"' in open(os.path.join(path, "config.json"), errors="replace").read()
     try:
-        enc = data.get_tokenizer(tok)
-        data.special_ids(enc)
+        enc = tokenizer.get_tokenizer(tok)
+        tokenizer.special_ids(enc)
     except (ValueError, OSError, KeyError) as e:
         raise SampleError(f"{path}: cannot read its tokenizer {tok!r} ({why(e)}); use the tokenizer files that "
                           f"came with the checkpoint") from None
@@ -237,7 +238,7 @@ def load_config(path, enc):
     except Exception as e:
         raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
                           f"or a ckpt.pt, with its config and weights from the same model") from None
-    ids = data.special_ids(enc)
+    ids = tokenizer.special_ids(enc)
     if (ids["img_start"], ids["img_context"]) != (cfg.img_start_id, cfg.img_context_id) or enc.n_vocab > cfg.vocab_size:
         raise SampleError(f"{path}: tokenizer and model disagree (tokenizer: <img> {ids['img_start']}, <IMG_CONTEXT> "
                           f"{ids['img_context']}, {enc.n_vocab} ids; model: {cfg.img_start_id}, {cfg.img_context_id}, "
@@ -246,7 +247,7 @@ def load_config(path, enc):
 
 
 def load_model(path, device, dtype, enc):
-    ids = data.special_ids(enc)
+    ids = tokenizer.special_ids(enc)
     try:  # each tensor cast as it is read: no float32 copy first. The image ids: the tokenizer's (load_config)
         model = NEO.from_pretrained(path, dtype=dtype, img_start_id=ids["img_start"],
                                     img_context_id=ids["img_context"], img_end_id=ids["img_end"])
@@ -354,7 +355,7 @@ def text_pieces(tokens, enc, stops=None):
     """Token ids -> text as it streams. Bytes wait until they form whole UTF-8 characters (a byte-level token
     can end mid-character); stops at an id in stops (default <|im_end|> and <|endoftext|>); special tokens
     print nothing (skip_special_tokens=True)."""
-    ids = data.special_ids(enc)
+    ids = tokenizer.special_ids(enc)
     stops = stops or {ids["im_end"], ids["eot"]}
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for tok in tokens:
@@ -554,7 +555,7 @@ def load_visuals(args, s, authors):
 
 def stream_answer(model, prompt, n_new, s, args, enc, authors, first, device):
     """Generate and print the answer as it comes; --show_attention: then draw where it looked."""
-    cfg, ids = model.cfg, data.special_ids(enc)
+    cfg, ids = model.cfg, tokenizer.special_ids(enc)
     x = torch.tensor([prompt["input_ids"]], device=device)
     imgs = [im.to(device) for im in prompt["images"]]
     # --show_attention: the last layers keep their attention maps; after every step we read the row of the

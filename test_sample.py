@@ -19,8 +19,9 @@ from PIL import Image
 
 import data
 import sample
+import tokenizer
 from neo import NEO, NEOConfig
-from test_data import write_video  # a small mp4/webm written with PyAV (skips the test without it)
+from conftest import write_video  # a small mp4/webm written with PyAV (skips the test without it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASED = os.path.join(HERE, "assets", "neo_official_tiny")  # saved by the authors' own code
@@ -43,7 +44,7 @@ def write_tokenizer_json(path, extra=()):
     """A tiny byte-level BPE in the released (Hugging Face) tokenizer.json format: 256 byte tokens in GPT-2's
     unicode alphabet, a few merges, and the added tokens at the ids of the fixture's config.json. extra: more
     added tokens, (content, special) each, from id 267."""
-    b2u = data.bytes_to_unicode()
+    b2u = tokenizer.bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     added = {"<img>": 256, "</img>": 257, "<IMG_CONTEXT>": 258, "<|endoftext|>": 259, "<|im_start|>": 260,
              "<|im_end|>": 261}
@@ -88,7 +89,7 @@ def w(tmp_path_factory):
     ticks[0].save(d / "tick.gif", save_all=True, append_images=ticks[1:], duration=250, loop=0)
     # released folders in the inference kit's config format, config and tokenizer only (no weights: --dry_run),
     # with Qwen3's context so that NEO 1.0's 1,300-token frames fit
-    from test_neo import inference_config
+    from conftest import inference_config
     with open(os.path.join(RELEASED, "config.json")) as f:
         hf = json.load(f)
     hf["llm_config"]["max_position_embeddings"] = 40960
@@ -112,7 +113,7 @@ def test_two_images_from_ckpt(w):
                "--top_k=5", "--seed=3", "--max_new_tokens=8", cwd=w))
     msgs = sample.build_messages("Describe the images.", 2, None, None, "shapes", "")
     imgs = [torch.zeros(3, 64, 128), torch.zeros(3, 64, 96)]
-    n = len(data.build_prompt(data.get_tokenizer("bytes"), msgs, imgs)["input_ids"])
+    n = len(data.build_prompt(tokenizer.get_tokenizer("bytes"), msgs, imgs)["input_ids"])
     assert f"prompt {n} tokens" in p.stderr  # photo 131x77 -> 128x64 px: 2x4 tokens; second 2x3
 
 
@@ -139,7 +140,7 @@ def test_mp4_video(w, tmp_path):
     p = ok(run("--init_from", "ours", "--video", clip, "--num_frames", "8", "--max_new_tokens=4", cwd=w))
     stamps = [0.1, 0.3, 0.6, 0.8, 1.1, 1.3, 1.6, 1.8]  # the toy's frames of 20: int((i + 0.5) * 2.5) = 1, 3, 6, 8, ...
     msgs = sample.build_messages("Describe the video.", 0, stamps, 2.0, "shapes", "")
-    n = len(data.build_prompt(data.get_tokenizer("bytes"), msgs, [torch.zeros(3, 64, 64)] * 8)["input_ids"])
+    n = len(data.build_prompt(tokenizer.get_tokenizer("bytes"), msgs, [torch.zeros(3, 64, 64)] * 8)["input_ids"])
     assert f"prompt {n} tokens" in p.stderr and len(p.stdout) > 1
 
 
@@ -153,7 +154,7 @@ def test_show_attention_png_has_image_size(w):
 
 def test_neo_prompt_layout():
     """The authors' chat template, image spans expanded; NEO 1.0 numbers several images, NEO-ov does not."""
-    enc = data.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     img = torch.zeros(3, 64, 96)  # 2x3 tokens
     span = "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
     one = data.build_prompt(enc, sample.build_messages("Q?", 1, None, None, "neo1", "S"), [img])
@@ -271,7 +272,7 @@ def test_answer_drops_special_tokens(tmp_path):
     """Decoded as skip_special_tokens=True: tokens the tokenizer marks special print nothing, other added
     tokens print their text; the authors' presets stop at <|im_end|> alone and strip the answer."""
     write_tokenizer_json(tmp_path, extra=[("<box>", True), ("<think>", False)])
-    enc = data.get_tokenizer(str(tmp_path))
+    enc = tokenizer.get_tokenizer(str(tmp_path))
     toks = enc.encode(" a") + [267, 268] + enc.encode("b ") + [259] + enc.encode("c\n") + [261, ord("x")]
     assert "".join(sample.text_pieces(toks, enc)) == " a<think>b "          # the toy's: stops at <|endoftext|>
     assert "".join(sample.stripped(sample.text_pieces(toks, enc, {261}))) == "a<think>b c"
@@ -279,8 +280,8 @@ def test_answer_drops_special_tokens(tmp_path):
 
 def test_text_pieces_waits_for_whole_characters():
     """A character split over byte tokens prints once whole; printing stops at <|im_end|>."""
-    enc = data.get_tokenizer("bytes")
-    toks = list("é!".encode()) + [data.special_ids(enc)["im_end"], ord("x")]
+    enc = tokenizer.get_tokenizer("bytes")
+    toks = list("é!".encode()) + [tokenizer.special_ids(enc)["im_end"], ord("x")]
     pieces = list(sample.text_pieces(toks, enc))
     assert pieces[0] == "" and "".join(pieces) == "é!"
 

@@ -19,7 +19,7 @@ import common
 import shapes
 import train
 from neo import NEO, set_trainable
-from test_neo import TINY_MODEL, tiny_cfg  # the tests' model size, one place
+from conftest import TINY_MODEL, tiny_cfg  # the tests' model size, one place
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a tiny model and tiny batches, eager (compiling would take longer than the runs): every run takes seconds
@@ -269,7 +269,7 @@ def test_compiled_layers_match_eager():
     torch.manual_seed(0)
     cfg = tiny_cfg()
     tcfg = train.TrainConfig(batch_size=2, max_seq_len=128, stage="midtrain", compile=False)
-    batch = next(iter(train.make_loader(tcfg, "midtrain", train.data.get_tokenizer("shapes"), cfg, 0, 1, 0)))
+    batch = next(iter(train.make_loader(tcfg, "midtrain", train.tokenizer.get_tokenizer("shapes"), cfg, 0, 1, 0)))
     model = NEO(cfg)
     result = []
     for compiled in (False, True):
@@ -437,7 +437,7 @@ def test_unusable_jsonl_stops_with_its_reasons(tmp_path, neo_folder):
 def test_jsonl_with_video_files_trains(tmp_path, neo_folder):
     """A JSONL whose `video` records name an mp4 and a webm trains a step on their frames; a truncated mp4 in it
     is skipped, and the stage's report counts it with its line and the file's name."""
-    from test_data import write_video  # PyAV writes them (the test skips without it)
+    from conftest import write_video  # PyAV writes them (the test skips without it)
     write_video(tmp_path / "a.mp4")
     write_video(tmp_path / "b.webm", size=(37, 23))
     (tmp_path / "cut.mp4").write_bytes((tmp_path / "a.mp4").read_bytes()[:300])
@@ -496,8 +496,8 @@ def test_expected_errors_are_one_line(tmp_path):
 def test_evaluation_never_meets_an_undecodable_id():
     """The toy tokenizer's ids are padded to the model's 576: even a model that prefers the padding ids is scored
     (generation never emits them), where the end-of-stage evaluation used to die with a KeyError in decode."""
-    enc = train.data.get_tokenizer("shapes")
-    sp = train.data.special_ids(enc)
+    enc = train.tokenizer.get_tokenizer("shapes")
+    sp = train.tokenizer.special_ids(enc)
     model = NEO(tiny_cfg(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"]))
     forward = model.forward
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import shapes
+import tokenizer
 from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, probe_cpu,
                     setup_distributed)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
@@ -275,7 +276,7 @@ def setup_stage(cfg, stage, init, procs, resume):
     ctx = autocast(cfg.dtype, "cuda" if "cuda" in device else "cpu")
     lr, ratio, warmup, iters = stage_recipe(cfg, stage)
     tok = resolve_tokenizer(cfg, init) if resume is None else resume["tokenizer"]
-    enc = data.get_tokenizer(tok)
+    enc = tokenizer.get_tokenizer(tok)
     if resume is not None:
         model = NEO(NEOConfig(**resume["model_config"]))
         model.load_state_dict(resume["model"])
@@ -705,7 +706,7 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
     length generated together. blind=True replaces every image with noise: the accuracy a model that
     cannot see gets (it should sit at each family's chance level)."""
     model.eval()
-    ids = data.special_ids(enc)
+    ids = tokenizer.special_ids(enc)
     special = set(ids.values())
     prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels, max_pixels=model.cfg.max_pixels,
                                  places=cfg.places).eval_prompts(cfg.eval_samples, families=families)
@@ -755,8 +756,8 @@ def resolve_dtype(cfg, device, measure=None):
 def random_model(cfg, device, n_batches, seed):
     """The configured model with random weights, all of it trainable (midtrain), its optimizer and n_batches midtrain
     batches: what the --dtype=auto probe and the bench time train_step on."""
-    enc = data.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = data.special_ids(enc)                            # data stands in for real data at any model size
+    enc = tokenizer.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
+    sp = tokenizer.special_ids(enc)                            # data stands in for real data at any model size
     ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
     with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
         model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))

@@ -16,7 +16,7 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 from neo import NEO, NEOConfig  # noqa: E402
-from test_neo import span, tiny_cfg  # noqa: E402  (the tests' helpers: an image span, the tiny config)
+from conftest import span, tiny_cfg  # noqa: E402  (the tests' helpers: an image span, the tiny config)
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False  # compare in true float32
