@@ -113,6 +113,15 @@ class CoreShare:
         return n
 
 
+def shard(model, param_dtype):
+    """--fsdp=True: FSDP2 shards every layer, then the rest; mixed precision by its policy, not autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for blk in list(model.pre_buffer) + list(model.post_llm):
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
 def compile_layers(model):
     """--compile=True compiles each transformer layer in place, not the whole model: the positions and the mask
     depend on where the images sit in each pack (a graph break and a recompile per batch: EXPERIMENTS.md, section

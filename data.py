@@ -297,6 +297,13 @@ class PackedLoader:
         self.examples = {r: list(e) for r, e in s.get("examples", {}).items()}
 
 
+def to_device(batch, device):
+    """A loader's batch on the device: its tensors and its images."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
+    return out
+
+
 class _Batches(torch.utils.data.IterableDataset):
     def __init__(self, loader, start):
         self.loader, self.start = loader, start

@@ -213,11 +213,8 @@ def load_tokenizer(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SampleError(f"{path}: no config.json or ckpt.pt; pass a released NEO folder, a folder train.py "
                               f"wrote, or a ckpt.pt")
-        if os.path.isfile(os.path.join(path, "tokenizer.txt")):
-            tok = open(os.path.join(path, "tokenizer.txt")).read().strip()
-        elif any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
-            tok = path
-        else:
+        tok = tokenizer.tokenizer_of(path)
+        if tok is None:
             raise SampleError(f"{path}: no tokenizer (tokenizer.json, vocab.json or tokenizer.txt); copy the "
                               f"checkpoint's tokenizer files into it")
         ours = os.path.isfile(os.path.join(path, "tokenizer.txt")) or \

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -41,8 +40,9 @@ import checkpoint
 import data
 import shapes
 import tokenizer
-from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, probe_cpu,
-                    setup_distributed)
+from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, setup_distributed,
+                    shard)
+from config import ConfigError, check_config, coerce, model_overrides, read_args  # coerce: ablate.py's
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 
@@ -124,10 +124,6 @@ class TrainConfig:
 # Full-scale presets change these defaults (only the keys not given on the command line).
 FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpointing=True, eval_interval=1000,
                   log_interval=1, blind=False, eval_samples=0)
-
-
-class ConfigError(ValueError):
-    """A bad command line or config: one line on stderr, exit code 2."""
 
 
 class TrainError(RuntimeError):
@@ -381,7 +377,7 @@ def train_loop(cfg, st, procs, run):
                                    f"update")
             if due:
                 save_checkpoint(cfg, st, procs, run, *before)
-        loss, norm, n_tok = train_step(st.model, st.opt, lambda: to_device(next(st.batches), procs.device),
+        loss, norm, n_tok = train_step(st.model, st.opt, lambda: data.to_device(next(st.batches), procs.device),
                                        st.train_ctx, cfg.grad_clip, st.accum, st.sync, procs.world, vouch)
         st.step += 1
         run.history.append((st.name, run.step0 + st.step, loss))
@@ -410,7 +406,7 @@ def finish_stage(cfg, st, procs, run):
     weights in the authors' layout and evaluate them; -> that folder."""
     # the last update has no next step to vouch for it: one forward on the next batch does, before it is saved
     before = (st.loader.state_dict(), checkpoint.rng_state())
-    b = to_device(next(st.batches), procs.device)
+    b = data.to_device(next(st.batches), procs.device)
     with torch.no_grad(), st.train_ctx, torch.compiler.set_stance("force_eager"):
         _, loss = st.raw_model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
     loss = loss.detach().float()
@@ -635,6 +631,18 @@ def launch(cfg, ck=None):
     return run
 
 
+def resolve_dtype(cfg, device):
+    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (bench.choose_cpu_dtype)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if "cuda" in device:
+        return "bfloat16"
+    if device != "cpu":  # mps: float32, the one dtype every op supports there
+        return "float32"
+    import bench
+    return bench.choose_cpu_dtype(cfg)
+
+
 def cli():
     """python train.py: what the user can fix (a bad command line, unusable data, a NaN, a locked out_dir, an
     unreadable checkpoint, a full disk) ends in one line on stderr and exit code 2 (the command line) or 1;
@@ -662,14 +670,9 @@ def cli():
 
 
 def resolve_tokenizer(cfg, init):
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for d in (init, os.path.dirname(init) if init else ""):  # our stage folders carry tokenizer.txt
-        if d and os.path.isfile(os.path.join(d, "tokenizer.txt")):
-            return open(os.path.join(d, "tokenizer.txt")).read().strip()
-        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
-            return d
-    return "shapes"
+    """--tokenizer, else the one the starting folder (or the folder around a ckpt.pt) names, else the toy's."""
+    folders = [d for d in (init, os.path.dirname(init)) if d]
+    return cfg.tokenizer or next(filter(None, map(tokenizer.tokenizer_of, folders)), "shapes")
 
 
 def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
@@ -692,12 +695,6 @@ def extra_weights(cfg, stage):
     if cfg.probe_weight > 0 and stage in ("midtrain", "sft"):
         extra.update({f: cfg.probe_weight for f in shapes.PROBE_FAMILIES})
     return extra or None
-
-
-def to_device(batch, device):
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
-    return out
 
 
 @torch.no_grad()
@@ -738,220 +735,27 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
 
 
 # -----------------------------------------------------------------------------
-# Precision: --dtype=auto, FSDP's mixed precision
-
-
-def resolve_dtype(cfg, device, measure=None):
-    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
-    `measure` (tests) replaces the measurement."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if "cuda" in device:
-        return "bfloat16"
-    if device != "cpu":  # mps: float32, the one dtype every op supports there
-        return "float32"
-    return (measure or choose_cpu_dtype)(cfg)
-
-
-def random_model(cfg, device, n_batches, seed):
-    """The configured model with random weights, all of it trainable (midtrain), its optimizer and n_batches midtrain
-    batches: what the --dtype=auto probe and the bench time train_step on."""
-    enc = tokenizer.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = tokenizer.special_ids(enc)                            # data stands in for real data at any model size
-    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
-        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    set_trainable(model, "midtrain")
-    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, seed))
-    return model, opt, [to_device(next(it), device) for _ in range(n_batches)]
-
-
-def choose_cpu_dtype(cfg, seconds=1.0):
-    """Time the real work in each dtype with common.probe_cpu and return the faster: eager training steps of the
-    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead). Eager, not
-    compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on every CPU measured
-    (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). Prints both figures and the choice."""
-    t0 = time.perf_counter()
-    if cfg.model == "toy":
-        model, opt, (b,) = random_model(TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0}), "cpu", 1, 0)
-        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
-        work = lambda dt: train_step(model, opt, lambda: b, autocast(dt, "cpu"), cfg.grad_clip)
-    else:
-        d = NEOConfig.preset(cfg.model).d_model
-        x = {dt: torch.randn(512, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-        w = {dt: torch.randn(d, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
-        work = lambda dt: x[dt] @ w[dt]
-    for dt in ("float32", "bfloat16"):  # warm-up: first-call costs (kernel selection, allocations) off the clock
-        work(dt)
-
-    def seconds_of(dt):  # per token (per GFLOP): work(dt) again and again for a sixth of `seconds`
-        t1, k = time.perf_counter(), 0
-        while k == 0 or time.perf_counter() - t1 < seconds / 6:
-            work(dt)
-            k += 1
-        return (time.perf_counter() - t1) / (k * amount)
-    best = {dt: 1 / s for dt, s in probe_cpu(("float32", "bfloat16"), seconds_of, rounds=3).items()}
-    choice = max(best, key=best.get)
-    print0("dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
-           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
-    return choice
-
-
-def shard(model, param_dtype):
-    """--fsdp=True: FSDP2 shards every layer, then the rest; mixed precision by its policy, not autocast."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for blk in list(model.pre_buffer) + list(model.post_llm):
-        fully_shard(blk, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
-# -----------------------------------------------------------------------------
-# Config parsing: a config file and --key=value -> TrainConfig, every key checked before anything runs
-
-
-def coerce(key, value, default):
-    """A string (command line) or Python value (config file) -> the type of the key's default."""
-    kind = type(default)
-    if not isinstance(value, str):
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not kind:
-            raise ConfigError(f"--{key} must be {kind.__name__}, got {value!r}")
-        return value
-    if kind is bool:
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--{key} must be true or false, got {value!r}")
-    if kind is int:  # '1e4' is accepted when it is a whole number, '1.5' is not
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"--{key} must be an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"--{key} must be an integer, got {value!r}")
-        return int(f)
-    if kind is float:
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"--{key} must be a number, got {value!r}") from None
-    return value
+# Config parsing: the command line -> TrainConfig (reading and checking each key: config.py)
 
 
 def parse_config(argv, saved=None):
-    """[config.py] --key=value ... -> TrainConfig, every key's range checked. saved: the config of the run being
-    resumed (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in
-    RESUME_SAFE must keep its saved value. Raises ConfigError with one line saying what is wrong."""
-    defaults = TrainConfig()
-    valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
-    given = {}
-    if argv and not argv[0].startswith("--"):  # a config file: plain Python assigning some keys
-        import runpy
-        path, argv = argv[0], argv[1:]
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} not found")
-        for k, v in runpy.run_path(path).items():
-            if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                if k not in valid:
-                    raise ConfigError(f"unknown key {k!r} in {path}; valid keys: {', '.join(valid)}")
-                given[k] = coerce(k, v, valid[k])
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"arguments look like --key=value, got {arg!r}; valid keys: {', '.join(valid)}")
-        k, v = arg[2:].split("=", 1)  # split once: values may contain '='
-        if k not in valid:
-            raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(valid)}")
-        given[k] = coerce(k, v, valid[k])
+    """[config.py] --key=value ... -> TrainConfig, every key checked. saved: the config of the run being resumed
+    (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in RESUME_SAFE
+    must keep its saved value. Raises ConfigError with one line saying what is wrong."""
+    defaults = asdict(TrainConfig())
+    given = read_args(argv, defaults)
     if saved is not None:
         for k, v in given.items():
             if k not in RESUME_SAFE and k in saved and saved[k] != v:
                 raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
                                   f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
                                   f"run in another --out_dir")
-        base = {**asdict(defaults), **{k: v for k, v in saved.items() if k in valid}, "kill_at": 0}
+        base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, "kill_at": 0}
     else:
-        model = given.get("model", defaults.model)
-        if model not in PRESETS:
-            raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
-        base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
+        base = {**defaults, **(FULL_SCALE if given.get("model", "toy") != "toy" else {})}
     cfg = TrainConfig(**{**base, **given})
-    check_config(cfg)
+    check_config(cfg, ORDER, stage_recipe)
     return cfg
-
-
-def check_config(cfg):
-    """Every key's range, the model's shape and the files named, before anything runs (ConfigError)."""
-    for f in fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            raise ConfigError(f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
-    preset = lambda k: (k, getattr(cfg, k) == -1 or getattr(cfg, k) >= 1, ">= 1, or -1 (the preset's)")
-    checks = [("model", cfg.model in PRESETS, "|".join(PRESETS)),
-              ("stage", cfg.stage in ORDER + ["all"], "|".join(ORDER + ["all"])),
-              ("rope", cfg.rope in ("native", "1d"), "native|1d"),
-              ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
-              ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
-              ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "auto|cpu|cuda|cuda:N|mps"),
-              ("out_dir", cfg.out_dir.strip(), "a folder"),
-              ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
-              ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
-              ("log_interval", cfg.log_interval >= 1, ">= 1"),
-              ("max_iters", cfg.max_iters >= 0, ">= 0 (0 = the stage's recipe)"),
-              ("iters_scale", cfg.iters_scale > 0, "> 0"),
-              ("learning_rate", cfg.learning_rate >= 0, ">= 0 (0 = the stage's recipe)"),
-              ("min_lr_ratio", cfg.min_lr_ratio == -1 or 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], or -1 (the recipe's)"),
-              ("warmup_iters", cfg.warmup_iters >= -1, ">= 0, or -1 (the recipe's)"),
-              ("vision_lr_scale", cfg.vision_lr_scale == -1 or cfg.vision_lr_scale >= 0, ">= 0, or -1 (the recipe's)"),
-              ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-              ("grad_clip", cfg.grad_clip > 0, "> 0"),
-              ("threads", cfg.threads >= 0, ">= 0 (0 = torch's default)"),
-              ("num_workers", cfg.num_workers >= 0, ">= 0"),
-              ("seed", 0 <= cfg.seed < 2 ** 31, "in [0, 2^31)"),
-              ("eval_samples", cfg.eval_samples >= 0, ">= 0"), ("eval_batch", cfg.eval_batch >= 1, ">= 1"),
-              ("kill_at", cfg.kill_at >= 0, ">= 0"),
-              ("rope_theta_hw", cfg.rope_theta_hw == -1 or cfg.rope_theta_hw > 0, "> 0, or -1 (the preset's)"),
-              ("n_pre_layers", cfg.n_pre_layers >= -1, ">= 0, or -1 (the preset's)"),
-              *map(preset, ("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "vision_dim")),
-              ("spatial_curriculum", not cfg.spatial_curriculum or (cfg.model == "toy" and cfg.data == "shapes"),
-               "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)"),
-              ("probe_weight", cfg.probe_weight == 0 or (cfg.probe_weight > 0 and cfg.data == "shapes"),
-               ">= 0, and 0 unless --data=shapes (they are ShapesWorld families)")]
-    for key, ok, what in checks:
-        if not ok:
-            raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device} but torch sees no CUDA GPU here; use --device=auto or cpu")
-    try:
-        NEOConfig.preset(cfg.model, **model_overrides(cfg))
-    except (AssertionError, ValueError) as e:
-        raise ConfigError(f"the model's shape does not hold together: {e}") from None
-    if cfg.stage != "all":
-        stage_recipe(cfg, cfg.stage)  # a toy-only stage at full scale
-    if cfg.data != "shapes":
-        try:
-            data.JSONLDataset.parse_spec(cfg.data)
-        except data.DataError as e:
-            raise ConfigError(f"--data: {e}") from None
-    for key, ok in (("image_root", not cfg.image_root or os.path.isdir(cfg.image_root)),
-                    ("init_from", not cfg.init_from or os.path.exists(cfg.init_from)),
-                    ("tokenizer", cfg.tokenizer in ("", "shapes", "bytes") or os.path.isdir(cfg.tokenizer))):
-        if not ok:
-            raise ConfigError(f"--{key}={getattr(cfg, key)} does not exist" +
-                              (" (a folder, or 'shapes' or 'bytes')" if key == "tokenizer" else ""))
-
-
-def model_overrides(cfg):
-    """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
-    out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
-                                        "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
-    return {**out, "rope": cfg.rope, "mask": cfg.mask}
 
 
 if __name__ == "__main__":
