@@ -18,6 +18,7 @@ import torch
 import bench
 import checkpoint
 import common
+import evaluate
 import shapes
 import train
 from neo import NEO, set_trainable
@@ -508,8 +509,8 @@ def test_evaluation_never_meets_an_undecodable_id():
         logits, loss = forward(*a, **k)
         return logits.index_fill(-1, torch.arange(enc.n_vocab, model.cfg.vocab_size), 1e4), loss
     model.forward = padding_wins
-    acc = train.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
-                         families=["text", "color"])
+    acc = evaluate.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
+                            families=["text", "color"])
     assert set(acc) == {"text", "color"}
 
 

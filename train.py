@@ -1,10 +1,10 @@
 """
 Train NEO: the paper's three stages (and the toy's own llm and spatial stages), on a CPU for the toy or on many
 GPUs at full scale. Read top to bottom: the config, each stage's recipe, one stage (set up, the training loop that
-every stage runs through, finish), main; then data and evaluation, precision, and the command line's parsing. What
-the stages teach the toy: README, "The toy: ShapesWorld and the stages". Shared machinery (device, CPU threads,
-compile, peak FLOP/s, the loss plot) is common.py; --bench=True runs bench.py's train_speed; the design-choice
-ablation (the paper's Table 3) is ablate.py.
+every stage runs through, finish), main. What the stages teach the toy: README, "The toy: ShapesWorld and the
+stages". Beside it: config.py reads the command line, evaluate.py scores a stage, common.py holds the machinery
+(device, CPU threads, compile, peak FLOP/s, the loss plot), bench.py times the step (--bench=True, --dtype=auto),
+ablate.py runs the design-choice ablation (the paper's Table 3).
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~12-16 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -40,9 +41,10 @@ import checkpoint
 import data
 import shapes
 import tokenizer
-from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, setup_distributed,
-                    shard)
-from config import ConfigError, check_config, coerce, model_overrides, read_args  # coerce: ablate.py's
+from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0,
+                    setup_distributed, shard)
+from evaluate import evaluate_stage_or_warn
+from config import ConfigError, check_config, coerce, model_overrides, read_args  # (coerce: for ablate.py)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 
@@ -53,8 +55,7 @@ from neo import NEO, NEOConfig, PRESETS, set_trainable
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all = in that order, spatial only
-    #                               with --spatial_curriculum; full scale runs pretrain|midtrain|sft)
+    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all: in that order, as the docstring says)
     model: str = "toy"            # NEOConfig preset: toy|neo-2b|neo-9b
     init_from: str = ""           # '' = the previous stage's folder in out_dir (llm: scratch); else a Qwen3
     #                               folder, a released NEO folder, or one of ours (folder or ckpt.pt)
@@ -82,13 +83,11 @@ class TrainConfig:
     learning_rate: float = 0.0    # peak LR
     min_lr_ratio: float = -1.0    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = -1
-    vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = toy 0.1 in pretrain, 0 after;
-    #                               full scale 1 (why: see vision_lr_scale())
+    vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = the recipe's (vision_lr_scale())
     spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
     #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why)
-    places: bool = True           # toy: video_dir answers name the first and last cell, then the direction,
-    #                               and pretrain adds captions with cells; False: one word (the ablation's;
-    #                               shapes.PLACES says why)
+    places: bool = True           # toy: video_dir answers name the first and last cell, then the direction, and
+    #                               pretrain adds captions with cells; False: one word (shapes.PLACES says why)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
@@ -100,8 +99,7 @@ class TrainConfig:
     grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
     # system
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
-    dtype: str = "auto"           # auto|bfloat16|float32 autocast (weights stay float32); auto =
-    #                               bfloat16 on a GPU; on a CPU the faster of the two, measured at start-up
+    dtype: str = "auto"           # auto|bfloat16|float32 autocast, weights in float32 (auto: resolve_dtype())
     compile: bool = True          # torch.compile each layer for training (off by itself where it cannot work)
     fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
     grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
@@ -139,20 +137,39 @@ RESUME_SAFE = ("out_dir", "resume", "kill_at", "device", "dtype", "compile", "th
                "eval_every_stage", "learning_rate", "grad_clip")
 
 
+def parse_config(argv, saved=None):
+    """[config.py] --key=value ... -> TrainConfig, every key checked. saved: the config of the run being resumed
+    (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in RESUME_SAFE
+    must keep its saved value. Raises ConfigError with one line saying what is wrong."""
+    defaults = asdict(TrainConfig())
+    given = read_args(argv, defaults)
+    if saved is not None:
+        for k, v in given.items():
+            if k not in RESUME_SAFE and k in saved and saved[k] != v:
+                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
+                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
+                                  f"run in another --out_dir")
+        base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, "kill_at": 0}
+    else:
+        base = {**defaults, **(FULL_SCALE if given.get("model", "toy") != "toy" else {})}
+    cfg = TrainConfig(**{**base, **given})
+    check_config(cfg, ORDER, stage_recipe)
+    return cfg
+
+
 # -----------------------------------------------------------------------------
 # Recipe: each stage's learning rate, schedule and steps, and what trains at which rate
 
 
-# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps;
-# mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead;
-# `toy_curriculum`: the toy's with --spatial_curriculum=True, where it differs.
-# The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
-# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves.
-# Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest way to teach
-# per-object features (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing
-# 3-4 objects in order take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section
-# 'The patch embedding frozen after pretrain, and twice the steps'); a short llm stage leaves some seeds with an
-# LLM that pretrain cannot build on (EXPERIMENTS.md, section 'Earlier findings').
+# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps; mid-train and SFT
+# 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead; `toy_curriculum`: the toy's
+# with --spatial_curriculum=True, where it differs. The toy's LRs are higher because its "LLM" is a few minutes old
+# and each stage is a few hundred steps, not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter
+# model barely moves. Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest
+# way to teach per-object features, and a short llm stage leaves some seeds with an LLM that pretrain cannot build
+# on (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing 3-4 objects in order
+# take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section 'The patch embedding frozen
+# after pretrain, and twice the steps').
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
     "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
@@ -189,12 +206,11 @@ def vision_lr_scale(cfg, stage):
     """LR multiplier of the patch embedding in a stage: for the toy 0.1 in pretrain and 0 after it (the patch
     embedding that pretrain learnt stays as it is); 1 at full scale; --vision_lr_scale overrides both.
     Why 0.1 in pretrain: ShapesWorld's few flat colours push the patch conv the same way step after step, and Adam
-    moves each weight by ~lr a step: at 1x the visual tokens' norm grows to hundreds while text embeddings sit
-    near 1, and every layer's RMSNorm sees only raw patch features (EXPERIMENTS.md, section 'Earlier findings').
-    Natural images need no factor.
-    Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the patch embedding moves,
-    the model does not finish learning to find an object by its shape (EXPERIMENTS.md, section 'The patch
-    embedding frozen after pretrain, and twice the steps')."""
+    moves each weight by ~lr a step: at 1x the visual tokens' norm grows to hundreds while text embeddings sit near
+    1, and every layer's RMSNorm sees only raw patch features (EXPERIMENTS.md, section 'Earlier findings'). Natural
+    images need no factor. Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the
+    patch embedding moves, the model does not finish learning to find an object by its shape (EXPERIMENTS.md,
+    section 'The patch embedding frozen after pretrain, and twice the steps')."""
     if cfg.vision_lr_scale >= 0:
         return cfg.vision_lr_scale
     if cfg.model != "toy":
@@ -311,12 +327,10 @@ def setup_stage(cfg, stage, init, procs, resume):
     # each stage its own data seed, by its place in STAGES (the optional spatial stage is last there, so it moves
     # no other stage's seed)
     loader = make_loader(cfg, stage, enc, raw_model.cfg, procs.rank, procs.world, cfg.seed + list(STAGES).index(stage))
-    step = 0
     if resume is not None:
         loader.load_state_dict(resume["data_state"])
-        rng = resume["rng"]
-        checkpoint.set_rng_state(rng[procs.rank] if isinstance(rng, list) else rng)
-        step = resume["step"]
+        checkpoint.set_rng_state(resume["rng"][procs.rank])
+    step = resume["step"] if resume is not None else 0
     return Stage(name=stage, init=init, tok=tok, enc=enc, model=model, raw_model=raw_model, opt=opt, loader=loader,
                  batches=iter(loader), ctx=ctx, train_ctx=train_ctx, sync=sync, schedule=(lr, ratio, warmup, iters),
                  accum=cfg.grad_accum // procs.world, step=step, start=step,
@@ -446,11 +460,10 @@ def save_checkpoint(cfg, st, procs, run, data_state, rng):
     """Save the state as it was at the top of this step: weights and optimizer not yet updated, and the loader
     position and RNG state from before this step's batches were drawn (the caller kept them)."""
     msd, osd = checkpoint.full_state(st.raw_model, st.opt, cfg.fsdp)
-    rngs = [None] * procs.world
+    rngs = [rng]
     if procs.ddp:  # every process's RNG, so a resumed run continues each one's stream
+        rngs = [None] * procs.world
         dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
     if procs.rank == 0:
         checkpoint.atomic_save({
             "model": msd, "model_config": asdict(st.raw_model.cfg), "optimizer": osd, "stage": st.name,
@@ -472,30 +485,16 @@ def stop(cfg, st, run, what):
 def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
     """Held-out exact match after a stage (blind: also with noise for images), printed and added to eval.json."""
     t0 = time.perf_counter()
-    # what each stage taught: llm the text family, pretrain captions; then every family
-    families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
-    if families is None and cfg.probe_weight > 0:
-        families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
     if run.cores:
         run.cores.update()
-
-    def evaluate_or_warn(blind):  # a failure costs the accuracy, not the run: its traceback, and training goes on
-        try:
-            return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
-        except Exception:
-            import traceback
-            traceback.print_exc()
-            print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
-                   "goes on", file=sys.stderr)
-            return {}
-    acc = evaluate_or_warn(blind=False)
+    acc = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx)
     entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - run.t0, 1),
              "eval_seconds": round(time.perf_counter() - t0, 1)}
     if blind:
-        entry["blind_accuracy"] = evaluate_or_warn(blind=True)
+        entry["blind_accuracy"] = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx, blind=True)
     run.evals.append(entry)
     print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    if "blind_accuracy" in entry:
+    if blind:
         print0(f"[{stage}] blind (images = noise):  " +
                ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
@@ -567,12 +566,10 @@ def launch(cfg, ck=None):
     procs = setup_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if procs.ddp and cfg.dtype == "auto" and "cuda" not in procs.device:  # every rank must train in rank 0's choice
-        choice = [resolve_dtype(cfg, procs.device) if procs.rank == 0 else None]
+    choice = [resolve_dtype(cfg, procs.device) if procs.rank == 0 else None]
+    if procs.ddp:  # every rank trains in rank 0's choice
         dist.broadcast_object_list(choice, src=0)
-        cfg.dtype = choice[0]
-    else:
-        cfg.dtype = resolve_dtype(cfg, procs.device)
+    cfg.dtype = choice[0]
     torch.manual_seed(cfg.seed + procs.rank)  # per-rank offset; DDP broadcasts rank 0's weights anyway
     random.seed(cfg.seed + procs.rank)
     np.random.seed(cfg.seed + procs.rank)
@@ -618,7 +615,6 @@ def launch(cfg, ck=None):
         folder = finish_stage(cfg, st, procs, run)
     if procs.rank == 0:
         final = os.path.join(cfg.out_dir, "final")
-        import shutil
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(folder, final)
         with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
@@ -666,7 +662,7 @@ def cli():
 
 
 # -----------------------------------------------------------------------------
-# Data and evaluation
+# Data: a stage's tokenizer and batches (the evaluation: evaluate.py)
 
 
 def resolve_tokenizer(cfg, init):
@@ -695,67 +691,6 @@ def extra_weights(cfg, stage):
     if cfg.probe_weight > 0 and stage in ("midtrain", "sft"):
         extra.update({f: cfg.probe_weight for f in shapes.PROBE_FAMILIES})
     return extra or None
-
-
-@torch.no_grad()
-def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
-    """Held-out exact match per task family: greedy generation with the KV cache, prompts of equal token
-    length generated together. blind=True replaces every image with noise: the accuracy a model that
-    cannot see gets (it should sit at each family's chance level)."""
-    model.eval()
-    ids = tokenizer.special_ids(enc)
-    special = set(ids.values())
-    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels, max_pixels=model.cfg.max_pixels,
-                                 places=cfg.places).eval_prompts(cfg.eval_samples, families=families)
-    gen = torch.Generator().manual_seed(0)
-    groups = {}
-    for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
-        groups.setdefault(len(p["input_ids"]), []).append(p)
-    preds = []
-    bar = tqdm(total=len(prompts), desc="eval" + (" (blind)" if blind else ""), leave=False,
-               disable=int(os.environ.get("RANK", 0)) != 0)
-    for L, group in groups.items():
-        for i in range(0, len(group), cfg.eval_batch):
-            chunk = group[i:i + cfg.eval_batch]
-            x = torch.tensor([p["input_ids"] for p in chunk], device=device)
-            imgs = [im for p in chunk for im in p["images"]]
-            if blind:
-                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
-            imgs = [im.to(device) for im in imgs]
-            n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
-            with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
-                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
-            for p, row in zip(chunk, out.tolist()):
-                row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
-                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
-            bar.update(len(chunk))
-    bar.close()
-    model.train()
-    return shapes.score(preds)
-
-
-# -----------------------------------------------------------------------------
-# Config parsing: the command line -> TrainConfig (reading and checking each key: config.py)
-
-
-def parse_config(argv, saved=None):
-    """[config.py] --key=value ... -> TrainConfig, every key checked. saved: the config of the run being resumed
-    (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in RESUME_SAFE
-    must keep its saved value. Raises ConfigError with one line saying what is wrong."""
-    defaults = asdict(TrainConfig())
-    given = read_args(argv, defaults)
-    if saved is not None:
-        for k, v in given.items():
-            if k not in RESUME_SAFE and k in saved and saved[k] != v:
-                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
-                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
-                                  f"run in another --out_dir")
-        base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, "kill_at": 0}
-    else:
-        base = {**defaults, **(FULL_SCALE if given.get("model", "toy") != "toy" else {})}
-    cfg = TrainConfig(**{**base, **given})
-    check_config(cfg, ORDER, stage_recipe)
-    return cfg
 
 
 if __name__ == "__main__":
