@@ -202,7 +202,6 @@ def collate(rows, max_seq_len, pad_id):
     return {"input_ids": x, "targets": y, "loss_weights": w, "doc_ids": doc, "images": images}
 
 
-
 class PackedLoader:
     """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
     [i] -> sample or None). state_dict()/load_state_dict() resume exactly. Unusable samples are skipped and
