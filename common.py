@@ -1,7 +1,7 @@
 """
 The machinery train.py, sample.py and bench.py share, so that those read as the lesson: processes and device, the
-precision context, the CPU's thread count (CoreShare) and dtype probe, torch.compile, peak FLOP/s and the loss plot.
-Nothing to run here: `import common`.
+precision context and FSDP sharding, the CPU's thread count (CoreShare) and dtype probe, torch.compile, peak FLOP/s
+and the loss plot. Nothing to run here: `import common`.
 """
 import os
 import time
