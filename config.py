@@ -34,19 +34,14 @@ def coerce(key, value, default):
         if value.lower() in ("false", "0", "no"):
             return False
         raise ConfigError(f"--{key} must be true or false, got {value!r}")
-    if kind is int:  # '1e4' is accepted when it is a whole number, '1.5' is not
+    if kind in (int, float):  # an int may be written '1e4' (a whole number), not '1.5'
         try:
             f = float(value)
         except ValueError:
-            raise ConfigError(f"--{key} must be an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"--{key} must be an integer, got {value!r}")
-        return int(f)
-    if kind is float:
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"--{key} must be a number, got {value!r}") from None
+            f = None
+        if f is None or (kind is int and not f.is_integer()):
+            raise ConfigError(f"--{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        return kind(f)
     return value
 
 
