@@ -12,17 +12,27 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
-Each train.py --bench=True there runs train_speed below: one configuration's training tokens/s and FLOP/s.
+Each train.py --bench=True there runs train_speed below: one configuration's training tokens/s and FLOP/s; train.py
+--dtype=auto on a CPU runs choose_cpu_dtype below.
 """
 import argparse
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
+
+import torch
+
+import train
+from common import CoreShare, autocast, compile_layers, peak_flops, print0, probe_cpu
+from config import model_overrides
+from data import to_device
+from neo import NEO, NEOConfig, set_trainable
+from tokenizer import get_tokenizer, special_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,14 +67,60 @@ def spread(xs, fmt="{:,.0f}"):
     return fmt.format(xs[len(xs) // 2]) + (f" ({fmt.format(xs[0])}-{fmt.format(xs[-1])})" if len(xs) > 1 else "")
 
 
+def random_model(cfg, device, n_batches, seed):
+    """The configured model with random weights, all of it trainable (midtrain), its optimizer and n_batches midtrain
+    batches: what the --dtype=auto probe and the bench time train_step on."""
+    # random weights: only the shapes matter, so the toy's data stands in for real data at any model size
+    enc = get_tokenizer(cfg.tokenizer or "shapes")
+    sp = special_ids(enc)
+    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
+    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
+        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(model, "midtrain")
+    opt = train.configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
+    it = iter(train.make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, seed))
+    return model, opt, [to_device(next(it), device) for _ in range(n_batches)]
+
+
+def choose_cpu_dtype(cfg, seconds=1.0):
+    """Time the real work in each dtype with common.probe_cpu and return the faster: eager training steps of the
+    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead). Eager, not
+    compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on every CPU measured
+    (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). Prints both figures and the choice."""
+    t0 = time.perf_counter()
+    if cfg.model == "toy":
+        model, opt, (b,) = random_model(replace(cfg, data="shapes", num_workers=0), "cpu", 1, 0)
+        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
+        work = lambda dt: train.train_step(model, opt, lambda: b, autocast(dt, "cpu"), cfg.grad_clip)
+    else:
+        d = NEOConfig.preset(cfg.model).d_model
+        x = {dt: torch.randn(512, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+        w = {dt: torch.randn(d, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
+        work = lambda dt: x[dt] @ w[dt]
+    for dt in ("float32", "bfloat16"):  # warm-up: first-call costs (kernel selection, allocations) off the clock
+        work(dt)
+
+    def seconds_of(dt):  # per token (per GFLOP): work(dt) again and again for a sixth of `seconds`
+        t1, k = time.perf_counter(), 0
+        while k == 0 or time.perf_counter() - t1 < seconds / 6:
+            work(dt)
+            k += 1
+        return (time.perf_counter() - t1) / (k * amount)
+    best = {dt: 1 / s for dt, s in probe_cpu(("float32", "bfloat16"), seconds_of, rounds=3).items()}
+    choice = max(best, key=best.get)
+    print0("dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
+           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
+    return choice
+
+
 def train_speed(cfg, procs):
     """train.py --bench=True: tokens/s of train.train_step on the configured model (random weights) and midtrain
     batches, and the FLOP/s that achieves against the peak (a GPU's data sheet, a CPU's measured GEMM)."""
-    import torch
-    import train
-    from common import CoreShare, autocast, compile_layers, peak_flops
     device = procs.device
-    model, opt, batches = train.random_model(cfg, device, 4, cfg.seed)
+    model, opt, batches = random_model(cfg, device, 4, cfg.seed)
     fill = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / sum(b["doc_ids"].numel() for b in batches)
     if cfg.compile:
         compile_layers(model)
@@ -327,7 +383,6 @@ def main():
     bad = set(parts) - {"train", "decode", "neo2b", "video"}
     if bad or a.repeats < 1:
         sys.exit(f"bench.py: --only takes train, decode, neo2b, video (got {', '.join(sorted(bad))}); --repeats >= 1")
-    import torch
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """
 The machinery train.py, sample.py and bench.py share, so that those read as the lesson: processes and device, the
-precision context, the CPU's thread count (CoreShare) and dtype probe, torch.compile, peak FLOP/s and the loss plot.
-Nothing to run here: `import common`.
+precision context and FSDP sharding, the CPU's thread count (CoreShare) and dtype probe, torch.compile, peak FLOP/s
+and the loss plot. Nothing to run here: `import common`.
 """
 import os
 import time
@@ -111,6 +111,15 @@ class CoreShare:
         self.threads = n
         torch.set_num_threads(n)
         return n
+
+
+def shard(model, param_dtype):
+    """--fsdp=True: FSDP2 shards every layer, then the rest; mixed precision by its policy, not autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for blk in list(model.pre_buffer) + list(model.post_llm):
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def compile_layers(model):

@@ -1,13 +1,15 @@
 """
-What the test files share: the tests' tiny model size, an image span, the inference kit's config format, a small
-video file. Plain helpers, imported by name (from conftest import tiny_cfg), not fixtures: they take arguments
-at each call and build module-level constants (test_train.py's flags), which a fixture cannot.
+What the test files share: the tests' tiny model size, an image span, the inference kit's config format and
+tokenizer.json, a small video file. Plain helpers, imported by name (from conftest import tiny_cfg), not fixtures:
+they take arguments at each call and build module-level constants (test_train.py's flags), which a fixture cannot.
 """
+import json
 import os
 
 import numpy as np
 import pytest
 
+import tokenizer
 from neo import NEOConfig
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "neo_official_tiny")  # authors' tiny NEO
@@ -32,6 +34,25 @@ def inference_config(hf, template="neo1_0"):
     out["vision_config"] = {**hf["vision_config"], "downsample_ratio": [0.5],
                             "llm_hidden_size": [hf["vision_config"]["llm_hidden_size"]]}
     return out
+
+
+def write_tokenizer_json(path, extra=()):
+    """A tiny byte-level BPE in the released (Hugging Face) tokenizer.json format: 256 byte tokens in GPT-2's
+    unicode alphabet, a few merges, and the added tokens at the ids of the fixture's config.json. extra: more
+    added tokens, (content, special) each, from id 267."""
+    b2u = tokenizer.bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    added = {"<img>": 256, "</img>": 257, "<IMG_CONTEXT>": 258, "<|endoftext|>": 259, "<|im_start|>": 260,
+             "<|im_end|>": 261}
+    special = {c: True for c in added}
+    for i, (c, sp) in enumerate(extra):
+        added[c], special[c] = 267 + i, sp
+    for i, tok in enumerate(["th", "the", b2u[ord(" ")] + "the", "in", "ing"]):
+        vocab[tok] = 262 + i
+    vocab.update(added)
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                   "added_tokens": [{"id": i, "content": c, "special": special[c]} for c, i in added.items()]}, f)
 
 
 def write_video(path, n=20, fps=10, size=(64, 48), times=None, rotation=None, gop=None, bits=False):

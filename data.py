@@ -202,7 +202,6 @@ def collate(rows, max_seq_len, pad_id):
     return {"input_ids": x, "targets": y, "loss_weights": w, "doc_ids": doc, "images": images}
 
 
-
 class PackedLoader:
     """Endless packed batches from `source` (ShapesWorld, JSONLDataset, or anything with len() and
     [i] -> sample or None). state_dict()/load_state_dict() resume exactly. Unusable samples are skipped and
@@ -295,6 +294,13 @@ class PackedLoader:
         self.skips = dict(s.get("skips") or {"bad sample": s["bad"], self.too_long_reason: s["too_long"]})
         self.skips = {r: n for r, n in self.skips.items() if n}
         self.examples = {r: list(e) for r, e in s.get("examples", {}).items()}
+
+
+def to_device(batch, device):
+    """A loader's batch on the device: its tensors and its images."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
+    return out
 
 
 class _Batches(torch.utils.data.IterableDataset):

@@ -26,6 +26,7 @@ import codecs
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -200,11 +201,8 @@ def load_tokenizer(path):
     if os.path.isdir(path) and (os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(ckpt)):
         ckpt = None
     if ckpt:  # our training checkpoint names its tokenizer; mmap: read that field without loading the weights
-        try:
-            try:
-                tok = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["tokenizer"]
-            except RuntimeError:  # not a zip checkpoint: mmap cannot read it, a plain load may
-                tok = torch.load(ckpt, map_location="cpu", weights_only=True)["tokenizer"]
+        try:  # (a legacy, non-zip file cannot be mapped: a plain load)
+            tok = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(ckpt))["tokenizer"]
         except Exception as e:
             raise SampleError(f"{ckpt}: not a readable nano-NEO checkpoint ({why(e)}); pass a ckpt.pt written by "
                               f"train.py, a folder it wrote, or a released NEO folder") from None
@@ -213,11 +211,8 @@ def load_tokenizer(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SampleError(f"{path}: no config.json or ckpt.pt; pass a released NEO folder, a folder train.py "
                               f"wrote, or a ckpt.pt")
-        if os.path.isfile(os.path.join(path, "tokenizer.txt")):
-            tok = open(os.path.join(path, "tokenizer.txt")).read().strip()
-        elif any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
-            tok = path
-        else:
+        tok = tokenizer.tokenizer_of(path)
+        if tok is None:
             raise SampleError(f"{path}: no tokenizer (tokenizer.json, vocab.json or tokenizer.txt); copy the "
                               f"checkpoint's tokenizer files into it")
         ours = os.path.isfile(os.path.join(path, "tokenizer.txt")) or \
@@ -344,11 +339,10 @@ def build_messages(question, n_images, stamps, duration, preset, system):
 
 
 def default_question(n_images, video, preset):
-    if video:
-        return "Describe the video." if preset == "shapes" else "Describe this video in detail."
-    if n_images > 1:
-        return "Describe the images." if preset == "shapes" else "Describe these images in detail."
-    return "Describe the image." if preset == "shapes" else "Describe this image in detail."
+    what = "video" if video else "images" if n_images > 1 else "image"
+    if preset == "shapes":  # as ShapesWorld asks
+        return f"Describe the {what}."
+    return f"Describe {'these' if what == 'images' else 'this'} {what} in detail."
 
 
 def text_pieces(tokens, enc, stops=None):
@@ -423,8 +417,6 @@ def draw_mask(path):
         d.text((28 + 190 * k, y + 24), name, fill="black", font=font)
     save_png(im, path)
     print(f"wrote {path}: row i attends to column j where filled; each image/frame uses one t, (h, w) = its grid")
-
-
 
 
 def heatmap(values, grid, base, path):

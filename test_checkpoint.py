@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from conftest import FIXTURE, inference_config, tiny_cfg
+from conftest import FIXTURE, inference_config, tiny_cfg, write_tokenizer_json
 from neo import NEO
 
 
@@ -20,7 +20,6 @@ def test_inference_config_format(tmp_path, capsys):
     """A folder in the inference kit's config format loads, image ids from its tokenizer, and reproduces the
     authors' logits; when config and tokenizer disagree, one line says so and the tokenizer wins (as their
     chat() does); with neither, a clear error."""
-    from test_sample import write_tokenizer_json  # the fixture's tokenizer: <img> 256, </img> 257, <IMG_CONTEXT> 258
     with open(os.path.join(FIXTURE, "config.json")) as f:
         hf = json.load(f)
     d = tmp_path / "m"
@@ -29,7 +28,7 @@ def test_inference_config_format(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps(inference_config(hf)))
     with pytest.raises(ValueError, match="no img_start_token_id"):
         NEO.from_pretrained(str(d))
-    write_tokenizer_json(d)
+    write_tokenizer_json(d)  # the fixture's tokenizer: <img> 256, </img> 257, <IMG_CONTEXT> 258
     model = NEO.from_pretrained(str(d)).eval()
     assert (model.cfg.img_start_id, model.cfg.img_end_id, model.cfg.img_context_id) == (256, 257, 258)
     assert model.cfg.downsample == 2 and capsys.readouterr().err == ""

@@ -24,7 +24,6 @@ from data import IGNORE_INDEX, DataError
 from tokenizer import get_tokenizer
 
 
-
 # ---- images
 
 

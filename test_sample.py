@@ -20,8 +20,8 @@ from PIL import Image
 import data
 import sample
 import tokenizer
-from neo import NEO, NEOConfig
-from conftest import write_video  # a small mp4/webm written with PyAV (skips the test without it)
+from neo import NEO
+from conftest import inference_config, tiny_cfg, write_tokenizer_json, write_video
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASED = os.path.join(HERE, "assets", "neo_official_tiny")  # saved by the authors' own code
@@ -40,32 +40,12 @@ def ok(p):
     return p
 
 
-def write_tokenizer_json(path, extra=()):
-    """A tiny byte-level BPE in the released (Hugging Face) tokenizer.json format: 256 byte tokens in GPT-2's
-    unicode alphabet, a few merges, and the added tokens at the ids of the fixture's config.json. extra: more
-    added tokens, (content, special) each, from id 267."""
-    b2u = tokenizer.bytes_to_unicode()
-    vocab = {b2u[b]: b for b in range(256)}
-    added = {"<img>": 256, "</img>": 257, "<IMG_CONTEXT>": 258, "<|endoftext|>": 259, "<|im_start|>": 260,
-             "<|im_end|>": 261}
-    special = {c: True for c in added}
-    for i, (c, sp) in enumerate(extra):
-        added[c], special[c] = 267 + i, sp
-    for i, tok in enumerate(["th", "the", b2u[ord(" ")] + "the", "in", "ing"]):
-        vocab[tok] = 262 + i
-    vocab.update(added)
-    with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        json.dump({"model": {"type": "BPE", "vocab": vocab, "merges": []},
-                   "added_tokens": [{"id": i, "content": c, "special": special[c]} for c, i in added.items()]}, f)
-
-
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """A work folder (no out/ in it) holding the models, images and a GIF the tests use."""
     d = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
-    cfg = NEOConfig.preset("toy", d_model=64, n_layer=2, n_pre_layers=1, n_head=4, n_kv_head=2, head_dim=16,
-                           d_mlp=128, vision_dim=32)
+    cfg = tiny_cfg()
     model = NEO(cfg)
     model.save_pretrained(d / "ours")                       # what train.py writes after a stage
     (d / "ours" / "tokenizer.txt").write_text("bytes\n")
@@ -89,7 +69,6 @@ def w(tmp_path_factory):
     ticks[0].save(d / "tick.gif", save_all=True, append_images=ticks[1:], duration=250, loop=0)
     # released folders in the inference kit's config format, config and tokenizer only (no weights: --dry_run),
     # with Qwen3's context so that NEO 1.0's 1,300-token frames fit
-    from conftest import inference_config
     with open(os.path.join(RELEASED, "config.json")) as f:
         hf = json.load(f)
     hf["llm_config"]["max_position_embeddings"] = 40960

@@ -10,12 +10,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+import bench
 import checkpoint
 import common
+import evaluate
 import shapes
 import train
 from neo import NEO, set_trainable
@@ -221,17 +224,18 @@ def test_two_processes_equal_one(tmp_path, neo_folder, fsdp):
 
 def test_auto_dtype_is_measured(monkeypatch, capsys):
     """--dtype=auto on a CPU times both dtypes on the real training step and takes the faster, whatever the
-    CPU's flags: here each dtype in turn is made slow, and the choice follows; explicit flags and GPUs skip
-    the measurement."""
-    import time as _time
-    real_autocast = torch.autocast
+    CPU's flags: here each dtype in turn is made slow, a minute per step on the probe's clock, and the choice
+    follows; explicit flags and GPUs skip the measurement."""
+    real_clock, lag = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + lag[0])
 
     def slow(ctx):
         def make(*a, **k):
-            _time.sleep(0.5)  # far longer than a tiny step, even on a busy machine
+            lag[0] += 60.0  # far longer than a tiny step takes, however busy the machine
             return ctx(*a, **k)
         return make
     cfg = train.TrainConfig(**TINY_MODEL, batch_size=2, max_seq_len=128)
+    real_autocast = torch.autocast
     monkeypatch.setattr(torch, "autocast", slow(real_autocast))
     assert train.resolve_dtype(cfg, "cpu") == "float32"
     monkeypatch.setattr(torch, "autocast", real_autocast)
@@ -240,9 +244,9 @@ def test_auto_dtype_is_measured(monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("float32" in l and "bfloat16" in l and "tok/s" in l for l in lines)
     assert lines[0].endswith("-> float32") and lines[1].endswith("-> bfloat16")
-    never = lambda cfg: pytest.fail("measured although the dtype was given")
-    assert train.resolve_dtype(train.TrainConfig(dtype="float32"), "cpu", measure=never) == "float32"
-    assert train.resolve_dtype(train.TrainConfig(), "cuda", measure=never) == "bfloat16"
+    monkeypatch.setattr(bench, "choose_cpu_dtype", lambda cfg: pytest.fail("measured although the dtype was given"))
+    assert train.resolve_dtype(train.TrainConfig(dtype="float32"), "cpu") == "float32"
+    assert train.resolve_dtype(train.TrainConfig(), "cuda") == "bfloat16"
 
 
 def test_threads_follow_free_cores(monkeypatch):
@@ -505,8 +509,8 @@ def test_evaluation_never_meets_an_undecodable_id():
         logits, loss = forward(*a, **k)
         return logits.index_fill(-1, torch.arange(enc.n_vocab, model.cfg.vocab_size), 1e4), loss
     model.forward = padding_wins
-    acc = train.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
-                         families=["text", "color"])
+    acc = evaluate.evaluate(model, enc, train.TrainConfig(eval_samples=2), "cpu", contextlib.nullcontext(),
+                            families=["text", "color"])
     assert set(acc) == {"text", "color"}
 
 

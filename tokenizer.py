@@ -165,3 +165,13 @@ def folder_tokenizer(path):
     hidden = {i for i, special in added.values() if special} | {added[s][0] for s in SPECIALS.values() if s in added}
     return BPE(os.path.basename(os.path.normpath(path)), pat_str=QWEN_PAT, mergeable_ranks=ranks,
                special_tokens={c: i for c, (i, _) in added.items()}, nfc=True, hidden=hidden)
+
+
+def tokenizer_of(folder):
+    """The tokenizer a model folder names: the built-in one in its tokenizer.txt (train.py's folders), or the folder
+    itself where it holds tokenizer.json or vocab.json; None where it has neither."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.txt")):
+        return open(os.path.join(folder, "tokenizer.txt")).read().strip()
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
+        return folder
+    return None

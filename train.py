@@ -1,10 +1,10 @@
 """
 Train NEO: the paper's three stages (and the toy's own llm and spatial stages), on a CPU for the toy or on many
 GPUs at full scale. Read top to bottom: the config, each stage's recipe, one stage (set up, the training loop that
-every stage runs through, finish), main; then data and evaluation, precision, and the command line's parsing. What
-the stages teach the toy: README, "The toy: ShapesWorld and the stages". Shared machinery (device, CPU threads,
-compile, peak FLOP/s, the loss plot) is common.py; --bench=True runs bench.py's train_speed; the design-choice
-ablation (the paper's Table 3) is ablate.py.
+every stage runs through, finish), main. What the stages teach the toy: README, "The toy: ShapesWorld and the
+stages". Beside it: config.py reads the command line, evaluate.py scores a stage, common.py holds the machinery
+(device, CPU threads, compile, peak FLOP/s, the loss plot), bench.py times the step (--bench=True, --dtype=auto),
+ablate.py runs the design-choice ablation (the paper's Table 3).
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~12-16 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
@@ -26,7 +26,7 @@ import json
 import math
 import os
 import random
-import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -41,8 +41,10 @@ import checkpoint
 import data
 import shapes
 import tokenizer
-from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0, probe_cpu,
-                    setup_distributed)
+from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0,
+                    setup_distributed, shard)
+from evaluate import evaluate_stage_or_warn
+from config import ConfigError, check_config, coerce, model_overrides, read_args  # (coerce: for ablate.py)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
 
@@ -53,8 +55,7 @@ from neo import NEO, NEOConfig, PRESETS, set_trainable
 @dataclass
 class TrainConfig:
     # what to train
-    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all = in that order, spatial only
-    #                               with --spatial_curriculum; full scale runs pretrain|midtrain|sft)
+    stage: str = "all"            # llm|pretrain|midtrain|spatial|sft|all (all: in that order, as the docstring says)
     model: str = "toy"            # NEOConfig preset: toy|neo-2b|neo-9b
     init_from: str = ""           # '' = the previous stage's folder in out_dir (llm: scratch); else a Qwen3
     #                               folder, a released NEO folder, or one of ours (folder or ckpt.pt)
@@ -82,13 +83,11 @@ class TrainConfig:
     learning_rate: float = 0.0    # peak LR
     min_lr_ratio: float = -1.0    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = -1
-    vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = toy 0.1 in pretrain, 0 after;
-    #                               full scale 1 (why: see vision_lr_scale())
+    vision_lr_scale: float = -1.0 # LR multiplier of the patch embedding; -1 = the recipe's (vision_lr_scale())
     spatial_curriculum: bool = False  # toy: teach spatial relations (top-to-bottom captions, the spatial
     #                               stage, more relation questions in sft; shapes.SPATIAL_CURRICULUM says why)
-    places: bool = True           # toy: video_dir answers name the first and last cell, then the direction,
-    #                               and pretrain adds captions with cells; False: one word (the ablation's;
-    #                               shapes.PLACES says why)
+    places: bool = True           # toy: video_dir answers name the first and last cell, then the direction, and
+    #                               pretrain adds captions with cells; False: one word (shapes.PLACES says why)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95           # the released scripts' 0.95 (the paper says 0.999)
@@ -100,8 +99,7 @@ class TrainConfig:
     grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
     # system
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
-    dtype: str = "auto"           # auto|bfloat16|float32 autocast (weights stay float32); auto =
-    #                               bfloat16 on a GPU; on a CPU the faster of the two, measured at start-up
+    dtype: str = "auto"           # auto|bfloat16|float32 autocast, weights in float32 (auto: resolve_dtype())
     compile: bool = True          # torch.compile each layer for training (off by itself where it cannot work)
     fsdp: bool = False            # FSDP2 (fully_shard) instead of DDP under torchrun
     grad_checkpointing: bool = False  # activation checkpointing (recompute each layer in backward)
@@ -126,10 +124,6 @@ FULL_SCALE = dict(batch_size=1, max_seq_len=8192, grad_accum=64, grad_checkpoint
                   log_interval=1, blind=False, eval_samples=0)
 
 
-class ConfigError(ValueError):
-    """A bad command line or config: one line on stderr, exit code 2."""
-
-
 class TrainError(RuntimeError):
     """A run that cannot go on for a reason the user can act on (a NaN, a locked out_dir, an unreadable
     checkpoint, a full disk): one line on stderr, exit code 1."""
@@ -143,20 +137,39 @@ RESUME_SAFE = ("out_dir", "resume", "kill_at", "device", "dtype", "compile", "th
                "eval_every_stage", "learning_rate", "grad_clip")
 
 
+def parse_config(argv, saved=None):
+    """[config.py] --key=value ... -> TrainConfig, every key checked. saved: the config of the run being resumed
+    (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in RESUME_SAFE
+    must keep its saved value. Raises ConfigError with one line saying what is wrong."""
+    defaults = asdict(TrainConfig())
+    given = read_args(argv, defaults)
+    if saved is not None:
+        for k, v in given.items():
+            if k not in RESUME_SAFE and k in saved and saved[k] != v:
+                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
+                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
+                                  f"run in another --out_dir")
+        base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, "kill_at": 0}
+    else:
+        base = {**defaults, **(FULL_SCALE if given.get("model", "toy") != "toy" else {})}
+    cfg = TrainConfig(**{**base, **given})
+    check_config(cfg, ORDER, stage_recipe)
+    return cfg
+
+
 # -----------------------------------------------------------------------------
 # Recipe: each stage's learning rate, schedule and steps, and what trains at which rate
 
 
-# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps;
-# mid-train and SFT 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead;
-# `toy_curriculum`: the toy's with --spatial_curriculum=True, where it differs.
-# The toy's LRs are higher because its "LLM" is a few minutes old and each stage is a few hundred steps,
-# not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely moves.
-# Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest way to teach
-# per-object features (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing
-# 3-4 objects in order take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section
-# 'The patch embedding frozen after pretrain, and twice the steps'); a short llm stage leaves some seeds with an
-# LLM that pretrain cannot build on (EXPERIMENTS.md, section 'Earlier findings').
+# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps; mid-train and SFT
+# 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead; `toy_curriculum`: the toy's
+# with --spatial_curriculum=True, where it differs. The toy's LRs are higher because its "LLM" is a few minutes old
+# and each stage is a few hundred steps, not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter
+# model barely moves. Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest
+# way to teach per-object features, and a short llm stage leaves some seeds with an LLM that pretrain cannot build
+# on (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing 3-4 objects in order
+# take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section 'The patch embedding frozen
+# after pretrain, and twice the steps').
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
     "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
@@ -193,12 +206,11 @@ def vision_lr_scale(cfg, stage):
     """LR multiplier of the patch embedding in a stage: for the toy 0.1 in pretrain and 0 after it (the patch
     embedding that pretrain learnt stays as it is); 1 at full scale; --vision_lr_scale overrides both.
     Why 0.1 in pretrain: ShapesWorld's few flat colours push the patch conv the same way step after step, and Adam
-    moves each weight by ~lr a step: at 1x the visual tokens' norm grows to hundreds while text embeddings sit
-    near 1, and every layer's RMSNorm sees only raw patch features (EXPERIMENTS.md, section 'Earlier findings').
-    Natural images need no factor.
-    Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the patch embedding moves,
-    the model does not finish learning to find an object by its shape (EXPERIMENTS.md, section 'The patch
-    embedding frozen after pretrain, and twice the steps')."""
+    moves each weight by ~lr a step: at 1x the visual tokens' norm grows to hundreds while text embeddings sit near
+    1, and every layer's RMSNorm sees only raw patch features (EXPERIMENTS.md, section 'Earlier findings'). Natural
+    images need no factor. Why 0 after it (a toy deviation: the paper trains everything in mid-training): while the
+    patch embedding moves, the model does not finish learning to find an object by its shape (EXPERIMENTS.md,
+    section 'The patch embedding frozen after pretrain, and twice the steps')."""
     if cfg.vision_lr_scale >= 0:
         return cfg.vision_lr_scale
     if cfg.model != "toy":
@@ -315,12 +327,10 @@ def setup_stage(cfg, stage, init, procs, resume):
     # each stage its own data seed, by its place in STAGES (the optional spatial stage is last there, so it moves
     # no other stage's seed)
     loader = make_loader(cfg, stage, enc, raw_model.cfg, procs.rank, procs.world, cfg.seed + list(STAGES).index(stage))
-    step = 0
     if resume is not None:
         loader.load_state_dict(resume["data_state"])
-        rng = resume["rng"]
-        checkpoint.set_rng_state(rng[procs.rank] if isinstance(rng, list) else rng)
-        step = resume["step"]
+        checkpoint.set_rng_state(resume["rng"][procs.rank])
+    step = resume["step"] if resume is not None else 0
     return Stage(name=stage, init=init, tok=tok, enc=enc, model=model, raw_model=raw_model, opt=opt, loader=loader,
                  batches=iter(loader), ctx=ctx, train_ctx=train_ctx, sync=sync, schedule=(lr, ratio, warmup, iters),
                  accum=cfg.grad_accum // procs.world, step=step, start=step,
@@ -381,7 +391,7 @@ def train_loop(cfg, st, procs, run):
                                    f"update")
             if due:
                 save_checkpoint(cfg, st, procs, run, *before)
-        loss, norm, n_tok = train_step(st.model, st.opt, lambda: to_device(next(st.batches), procs.device),
+        loss, norm, n_tok = train_step(st.model, st.opt, lambda: data.to_device(next(st.batches), procs.device),
                                        st.train_ctx, cfg.grad_clip, st.accum, st.sync, procs.world, vouch)
         st.step += 1
         run.history.append((st.name, run.step0 + st.step, loss))
@@ -410,7 +420,7 @@ def finish_stage(cfg, st, procs, run):
     weights in the authors' layout and evaluate them; -> that folder."""
     # the last update has no next step to vouch for it: one forward on the next batch does, before it is saved
     before = (st.loader.state_dict(), checkpoint.rng_state())
-    b = to_device(next(st.batches), procs.device)
+    b = data.to_device(next(st.batches), procs.device)
     with torch.no_grad(), st.train_ctx, torch.compiler.set_stance("force_eager"):
         _, loss = st.raw_model(b["input_ids"], b["images"], b["targets"], b["doc_ids"], b["loss_weights"])
     loss = loss.detach().float()
@@ -450,11 +460,10 @@ def save_checkpoint(cfg, st, procs, run, data_state, rng):
     """Save the state as it was at the top of this step: weights and optimizer not yet updated, and the loader
     position and RNG state from before this step's batches were drawn (the caller kept them)."""
     msd, osd = checkpoint.full_state(st.raw_model, st.opt, cfg.fsdp)
-    rngs = [None] * procs.world
+    rngs = [rng]
     if procs.ddp:  # every process's RNG, so a resumed run continues each one's stream
+        rngs = [None] * procs.world
         dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
     if procs.rank == 0:
         checkpoint.atomic_save({
             "model": msd, "model_config": asdict(st.raw_model.cfg), "optimizer": osd, "stage": st.name,
@@ -476,30 +485,16 @@ def stop(cfg, st, run, what):
 def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
     """Held-out exact match after a stage (blind: also with noise for images), printed and added to eval.json."""
     t0 = time.perf_counter()
-    # what each stage taught: llm the text family, pretrain captions; then every family
-    families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
-    if families is None and cfg.probe_weight > 0:
-        families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
     if run.cores:
         run.cores.update()
-
-    def evaluate_or_warn(blind):  # a failure costs the accuracy, not the run: its traceback, and training goes on
-        try:
-            return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
-        except Exception:
-            import traceback
-            traceback.print_exc()
-            print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
-                   "goes on", file=sys.stderr)
-            return {}
-    acc = evaluate_or_warn(blind=False)
+    acc = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx)
     entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - run.t0, 1),
              "eval_seconds": round(time.perf_counter() - t0, 1)}
     if blind:
-        entry["blind_accuracy"] = evaluate_or_warn(blind=True)
+        entry["blind_accuracy"] = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx, blind=True)
     run.evals.append(entry)
     print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    if "blind_accuracy" in entry:
+    if blind:
         print0(f"[{stage}] blind (images = noise):  " +
                ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
@@ -571,12 +566,10 @@ def launch(cfg, ck=None):
     procs = setup_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if procs.ddp and cfg.dtype == "auto" and "cuda" not in procs.device:  # every rank must train in rank 0's choice
-        choice = [resolve_dtype(cfg, procs.device) if procs.rank == 0 else None]
+    choice = [resolve_dtype(cfg, procs.device) if procs.rank == 0 else None]
+    if procs.ddp:  # every rank trains in rank 0's choice
         dist.broadcast_object_list(choice, src=0)
-        cfg.dtype = choice[0]
-    else:
-        cfg.dtype = resolve_dtype(cfg, procs.device)
+    cfg.dtype = choice[0]
     torch.manual_seed(cfg.seed + procs.rank)  # per-rank offset; DDP broadcasts rank 0's weights anyway
     random.seed(cfg.seed + procs.rank)
     np.random.seed(cfg.seed + procs.rank)
@@ -622,7 +615,6 @@ def launch(cfg, ck=None):
         folder = finish_stage(cfg, st, procs, run)
     if procs.rank == 0:
         final = os.path.join(cfg.out_dir, "final")
-        import shutil
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(folder, final)
         with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
@@ -633,6 +625,18 @@ def launch(cfg, ck=None):
     if procs.ddp:
         dist.destroy_process_group()
     return run
+
+
+def resolve_dtype(cfg, device):
+    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (bench.choose_cpu_dtype)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if "cuda" in device:
+        return "bfloat16"
+    if device != "cpu":  # mps: float32, the one dtype every op supports there
+        return "float32"
+    import bench
+    return bench.choose_cpu_dtype(cfg)
 
 
 def cli():
@@ -658,18 +662,13 @@ def cli():
 
 
 # -----------------------------------------------------------------------------
-# Data and evaluation
+# Data: a stage's tokenizer and batches (the evaluation: evaluate.py)
 
 
 def resolve_tokenizer(cfg, init):
-    if cfg.tokenizer:
-        return cfg.tokenizer
-    for d in (init, os.path.dirname(init) if init else ""):  # our stage folders carry tokenizer.txt
-        if d and os.path.isfile(os.path.join(d, "tokenizer.txt")):
-            return open(os.path.join(d, "tokenizer.txt")).read().strip()
-        if d and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
-            return d
-    return "shapes"
+    """--tokenizer, else the one the starting folder (or the folder around a ckpt.pt) names, else the toy's."""
+    folders = [d for d in (init, os.path.dirname(init)) if d]
+    return cfg.tokenizer or next(filter(None, map(tokenizer.tokenizer_of, folders)), "shapes")
 
 
 def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
@@ -692,266 +691,6 @@ def extra_weights(cfg, stage):
     if cfg.probe_weight > 0 and stage in ("midtrain", "sft"):
         extra.update({f: cfg.probe_weight for f in shapes.PROBE_FAMILIES})
     return extra or None
-
-
-def to_device(batch, device):
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["images"] = [im.to(device, non_blocking=True) for im in batch["images"]]
-    return out
-
-
-@torch.no_grad()
-def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
-    """Held-out exact match per task family: greedy generation with the KV cache, prompts of equal token
-    length generated together. blind=True replaces every image with noise: the accuracy a model that
-    cannot see gets (it should sit at each family's chance level)."""
-    model.eval()
-    ids = tokenizer.special_ids(enc)
-    special = set(ids.values())
-    prompts = shapes.ShapesWorld(split="val", enc=enc, min_pixels=model.cfg.min_pixels, max_pixels=model.cfg.max_pixels,
-                                 places=cfg.places).eval_prompts(cfg.eval_samples, families=families)
-    gen = torch.Generator().manual_seed(0)
-    groups = {}
-    for p in prompts:  # group by length: a batch of equal-length prompts needs no padding or mask change
-        groups.setdefault(len(p["input_ids"]), []).append(p)
-    preds = []
-    bar = tqdm(total=len(prompts), desc="eval" + (" (blind)" if blind else ""), leave=False,
-               disable=int(os.environ.get("RANK", 0)) != 0)
-    for L, group in groups.items():
-        for i in range(0, len(group), cfg.eval_batch):
-            chunk = group[i:i + cfg.eval_batch]
-            x = torch.tensor([p["input_ids"] for p in chunk], device=device)
-            imgs = [im for p in chunk for im in p["images"]]
-            if blind:
-                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
-            imgs = [im.to(device) for im in imgs]
-            n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
-            with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
-                out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)
-            for p, row in zip(chunk, out.tolist()):
-                row = row[:row.index(ids["im_end"])] if ids["im_end"] in row else row
-                preds.append((p, enc.decode([t for t in row if t not in special and t < enc.n_vocab])))
-            bar.update(len(chunk))
-    bar.close()
-    model.train()
-    return shapes.score(preds)
-
-
-# -----------------------------------------------------------------------------
-# Precision: --dtype=auto, FSDP's mixed precision
-
-
-def resolve_dtype(cfg, device, measure=None):
-    """--dtype=auto: bfloat16 on a GPU; on a CPU whichever trains faster here, measured (choose_cpu_dtype).
-    `measure` (tests) replaces the measurement."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if "cuda" in device:
-        return "bfloat16"
-    if device != "cpu":  # mps: float32, the one dtype every op supports there
-        return "float32"
-    return (measure or choose_cpu_dtype)(cfg)
-
-
-def random_model(cfg, device, n_batches, seed):
-    """The configured model with random weights, all of it trainable (midtrain), its optimizer and n_batches midtrain
-    batches: what the --dtype=auto probe and the bench time train_step on."""
-    enc = tokenizer.get_tokenizer(cfg.tokenizer or "shapes")  # random weights: only the shapes matter, so the toy
-    sp = tokenizer.special_ids(enc)                            # data stands in for real data at any model size
-    ids = dict(img_start_id=sp["img_start"], img_end_id=sp["img_end"], img_context_id=sp["img_context"])
-    with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
-        model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    set_trainable(model, "midtrain")
-    opt = configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))
-    it = iter(make_loader(cfg, "midtrain", enc, model.cfg, 0, 1, seed))
-    return model, opt, [to_device(next(it), device) for _ in range(n_batches)]
-
-
-def choose_cpu_dtype(cfg, seconds=1.0):
-    """Time the real work in each dtype with common.probe_cpu and return the faster: eager training steps of the
-    configured toy model on ShapesWorld batches (a released-size model: a GEMM of its width instead). Eager, not
-    compiled: a cold compile takes a minute, and compiled runs kept the eager ranking on every CPU measured
-    (EXPERIMENTS.md, section 'Speed on a CPU without AMX'). Prints both figures and the choice."""
-    t0 = time.perf_counter()
-    if cfg.model == "toy":
-        model, opt, (b,) = random_model(TrainConfig(**{**asdict(cfg), "data": "shapes", "num_workers": 0}), "cpu", 1, 0)
-        amount, unit = b["input_ids"].numel(), "tok/s"   # tokens per call of work()
-        work = lambda dt: train_step(model, opt, lambda: b, autocast(dt, "cpu"), cfg.grad_clip)
-    else:
-        d = NEOConfig.preset(cfg.model).d_model
-        x = {dt: torch.randn(512, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-        w = {dt: torch.randn(d, d, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-        amount, unit = 2 * 512 * d * d / 1e9, "GFLOP/s"
-        work = lambda dt: x[dt] @ w[dt]
-    for dt in ("float32", "bfloat16"):  # warm-up: first-call costs (kernel selection, allocations) off the clock
-        work(dt)
-
-    def seconds_of(dt):  # per token (per GFLOP): work(dt) again and again for a sixth of `seconds`
-        t1, k = time.perf_counter(), 0
-        while k == 0 or time.perf_counter() - t1 < seconds / 6:
-            work(dt)
-            k += 1
-        return (time.perf_counter() - t1) / (k * amount)
-    best = {dt: 1 / s for dt, s in probe_cpu(("float32", "bfloat16"), seconds_of, rounds=3).items()}
-    choice = max(best, key=best.get)
-    print0("dtype auto: " + ", ".join(f"{k} {v:,.0f} {unit}" for k, v in best.items()) +
-           f" (eager, measured in {time.perf_counter() - t0:.1f} s) -> {choice}")
-    return choice
-
-
-def shard(model, param_dtype):
-    """--fsdp=True: FSDP2 shards every layer, then the rest; mixed precision by its policy, not autocast."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for blk in list(model.pre_buffer) + list(model.post_llm):
-        fully_shard(blk, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
-# -----------------------------------------------------------------------------
-# Config parsing: a config file and --key=value -> TrainConfig, every key checked before anything runs
-
-
-def coerce(key, value, default):
-    """A string (command line) or Python value (config file) -> the type of the key's default."""
-    kind = type(default)
-    if not isinstance(value, str):
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not kind:
-            raise ConfigError(f"--{key} must be {kind.__name__}, got {value!r}")
-        return value
-    if kind is bool:
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--{key} must be true or false, got {value!r}")
-    if kind is int:  # '1e4' is accepted when it is a whole number, '1.5' is not
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"--{key} must be an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"--{key} must be an integer, got {value!r}")
-        return int(f)
-    if kind is float:
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"--{key} must be a number, got {value!r}") from None
-    return value
-
-
-def parse_config(argv, saved=None):
-    """[config.py] --key=value ... -> TrainConfig, every key's range checked. saved: the config of the run being
-    resumed (its checkpoint's train_config), the base instead of the defaults; a key given here that is not in
-    RESUME_SAFE must keep its saved value. Raises ConfigError with one line saying what is wrong."""
-    defaults = TrainConfig()
-    valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
-    given = {}
-    if argv and not argv[0].startswith("--"):  # a config file: plain Python assigning some keys
-        import runpy
-        path, argv = argv[0], argv[1:]
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} not found")
-        for k, v in runpy.run_path(path).items():
-            if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                if k not in valid:
-                    raise ConfigError(f"unknown key {k!r} in {path}; valid keys: {', '.join(valid)}")
-                given[k] = coerce(k, v, valid[k])
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"arguments look like --key=value, got {arg!r}; valid keys: {', '.join(valid)}")
-        k, v = arg[2:].split("=", 1)  # split once: values may contain '='
-        if k not in valid:
-            raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(valid)}")
-        given[k] = coerce(k, v, valid[k])
-    if saved is not None:
-        for k, v in given.items():
-            if k not in RESUME_SAFE and k in saved and saved[k] != v:
-                raise ConfigError(f"--{k}={v} differs from the run being resumed ({k}={saved[k]!r}); a resumed run "
-                                  f"keeps its config, except {', '.join(RESUME_SAFE)}: drop --{k}, or start a new "
-                                  f"run in another --out_dir")
-        base = {**asdict(defaults), **{k: v for k, v in saved.items() if k in valid}, "kill_at": 0}
-    else:
-        model = given.get("model", defaults.model)
-        if model not in PRESETS:
-            raise ConfigError(f"--model must be one of {', '.join(PRESETS)}, got {model!r}")
-        base = {**asdict(defaults), **(FULL_SCALE if model != "toy" else {})}
-    cfg = TrainConfig(**{**base, **given})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    """Every key's range, the model's shape and the files named, before anything runs (ConfigError)."""
-    for f in fields(cfg):
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            raise ConfigError(f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
-    preset = lambda k: (k, getattr(cfg, k) == -1 or getattr(cfg, k) >= 1, ">= 1, or -1 (the preset's)")
-    checks = [("model", cfg.model in PRESETS, "|".join(PRESETS)),
-              ("stage", cfg.stage in ORDER + ["all"], "|".join(ORDER + ["all"])),
-              ("rope", cfg.rope in ("native", "1d"), "native|1d"),
-              ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
-              ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
-              ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "auto|cpu|cuda|cuda:N|mps"),
-              ("out_dir", cfg.out_dir.strip(), "a folder"),
-              ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
-              ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
-              ("log_interval", cfg.log_interval >= 1, ">= 1"),
-              ("max_iters", cfg.max_iters >= 0, ">= 0 (0 = the stage's recipe)"),
-              ("iters_scale", cfg.iters_scale > 0, "> 0"),
-              ("learning_rate", cfg.learning_rate >= 0, ">= 0 (0 = the stage's recipe)"),
-              ("min_lr_ratio", cfg.min_lr_ratio == -1 or 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], or -1 (the recipe's)"),
-              ("warmup_iters", cfg.warmup_iters >= -1, ">= 0, or -1 (the recipe's)"),
-              ("vision_lr_scale", cfg.vision_lr_scale == -1 or cfg.vision_lr_scale >= 0, ">= 0, or -1 (the recipe's)"),
-              ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-              ("grad_clip", cfg.grad_clip > 0, "> 0"),
-              ("threads", cfg.threads >= 0, ">= 0 (0 = torch's default)"),
-              ("num_workers", cfg.num_workers >= 0, ">= 0"),
-              ("seed", 0 <= cfg.seed < 2 ** 31, "in [0, 2^31)"),
-              ("eval_samples", cfg.eval_samples >= 0, ">= 0"), ("eval_batch", cfg.eval_batch >= 1, ">= 1"),
-              ("kill_at", cfg.kill_at >= 0, ">= 0"),
-              ("rope_theta_hw", cfg.rope_theta_hw == -1 or cfg.rope_theta_hw > 0, "> 0, or -1 (the preset's)"),
-              ("n_pre_layers", cfg.n_pre_layers >= -1, ">= 0, or -1 (the preset's)"),
-              *map(preset, ("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "vision_dim")),
-              ("spatial_curriculum", not cfg.spatial_curriculum or (cfg.model == "toy" and cfg.data == "shapes"),
-               "False unless --model=toy --data=shapes (it is a ShapesWorld curriculum)"),
-              ("probe_weight", cfg.probe_weight == 0 or (cfg.probe_weight > 0 and cfg.data == "shapes"),
-               ">= 0, and 0 unless --data=shapes (they are ShapesWorld families)")]
-    for key, ok, what in checks:
-        if not ok:
-            raise ConfigError(f"--{key} must be {what}, got {getattr(cfg, key)!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device} but torch sees no CUDA GPU here; use --device=auto or cpu")
-    try:
-        NEOConfig.preset(cfg.model, **model_overrides(cfg))
-    except (AssertionError, ValueError) as e:
-        raise ConfigError(f"the model's shape does not hold together: {e}") from None
-    if cfg.stage != "all":
-        stage_recipe(cfg, cfg.stage)  # a toy-only stage at full scale
-    if cfg.data != "shapes":
-        try:
-            data.JSONLDataset.parse_spec(cfg.data)
-        except data.DataError as e:
-            raise ConfigError(f"--data: {e}") from None
-    for key, ok in (("image_root", not cfg.image_root or os.path.isdir(cfg.image_root)),
-                    ("init_from", not cfg.init_from or os.path.exists(cfg.init_from)),
-                    ("tokenizer", cfg.tokenizer in ("", "shapes", "bytes") or os.path.isdir(cfg.tokenizer))):
-        if not ok:
-            raise ConfigError(f"--{key}={getattr(cfg, key)} does not exist" +
-                              (" (a folder, or 'shapes' or 'bytes')" if key == "tokenizer" else ""))
-
-
-def model_overrides(cfg):
-    """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
-    out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
-                                        "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
-    return {**out, "rope": cfg.rope, "mask": cfg.mask}
 
 
 if __name__ == "__main__":
