@@ -2,8 +2,10 @@
 Held-out exact match on ShapesWorld, per task family: what train.py prints after each stage and ablate.py compares.
 The prompts are ones training never draws (shapes.ShapesWorld(split="val")); shapes.score scores the answers.
 """
+import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -14,20 +16,35 @@ from common import print0
 from tokenizer import special_ids
 
 
-def evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx, blind=False):
-    """evaluate() on what the stage taught: llm the text family, pretrain captions and text, later stages every
-    family (the probe families too where they trained). A failure costs the accuracy, not the run: its traceback,
-    one line, and {}; training goes on."""
+def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
+    """After a stage, held-out exact match on what it taught (llm: the text family, pretrain: captions and text,
+    later stages every family, the probe families too where they trained; blind: also with noise for images),
+    printed and added to out_dir/eval.json. A failure costs the accuracy, not the run: its traceback, one line, {}."""
     families = {"llm": ["text"], "pretrain": ["caption", "text"]}.get(stage)
     if families is None and cfg.probe_weight > 0:
         families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
-    try:
-        return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
-    except Exception:
-        traceback.print_exc()
-        print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run goes on",
-               file=sys.stderr)
-        return {}
+
+    def score(blind):
+        try:
+            return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
+        except Exception:
+            traceback.print_exc()
+            print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
+                   "goes on", file=sys.stderr)
+            return {}
+    t0 = time.perf_counter()
+    if run.cores:
+        run.cores.update()
+    entry = {"stage": stage, "accuracy": score(False), "seconds": round(time.perf_counter() - run.t0, 1),
+             "eval_seconds": round(time.perf_counter() - t0, 1)}
+    if blind:
+        entry["blind_accuracy"] = score(True)
+    run.evals.append(entry)
+    for key, what in (("accuracy", "held-out exact match: "), ("blind_accuracy", "blind (images = noise):  ")):
+        if key in entry:
+            print0(f"[{stage}] {what}" + ", ".join(f"{k} {v:.0%}" for k, v in entry[key].items()))
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump({**entry, "stages": run.evals}, f, indent=2)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ import shapes
 import tokenizer
 from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0,
                     setup_distributed, shard)
-from evaluate import evaluate_stage_or_warn
+from evaluate import evaluate_stage
 from config import ConfigError, check_config, coerce, model_overrides, read_args  # (coerce: for ablate.py)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
 
@@ -222,15 +222,11 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_sc
     """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors). The patch
     embedding's groups carry lr_scale: the loop multiplies the scheduled LR by it (see vision_lr_scale)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = []
-    for is_vision in (False, True):
-        ps = [p for n, p in named if n.startswith("vision.") == is_vision]
-        scale = vision_lr_scale if is_vision else 1.0
-        groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
-                   {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    groups = [g for g in groups if g["params"]]
+    groups = [{"params": [p for n, p in named if n.startswith("vision.") == vision and (p.dim() >= 2) == decay],
+               "weight_decay": weight_decay if decay else 0.0, "lr_scale": vision_lr_scale if vision else 1.0}
+              for vision in (False, True) for decay in (True, False)]
     fused = all(p.is_cuda for _, p in named)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
 def get_lr(step, lr, ratio, warmup, iters):
@@ -482,25 +478,6 @@ def stop(cfg, st, run, what):
     raise TrainError(f"[{st.name}] step {st.step}: {what}. {back}")
 
 
-def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
-    """Held-out exact match after a stage (blind: also with noise for images), printed and added to eval.json."""
-    t0 = time.perf_counter()
-    if run.cores:
-        run.cores.update()
-    acc = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx)
-    entry = {"stage": stage, "accuracy": acc, "seconds": round(time.perf_counter() - run.t0, 1),
-             "eval_seconds": round(time.perf_counter() - t0, 1)}
-    if blind:
-        entry["blind_accuracy"] = evaluate_stage_or_warn(stage, model, enc, cfg, device, ctx, blind=True)
-    run.evals.append(entry)
-    print0(f"[{stage}] held-out exact match: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    if blind:
-        print0(f"[{stage}] blind (images = noise):  " +
-               ", ".join(f"{k} {v:.0%}" for k, v in entry["blind_accuracy"].items()))
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump({**entry, "stages": run.evals}, f, indent=2)
-
-
 def load_stage_model(cfg, stage, init):
     """The model a stage starts from:
     llm: scratch (a Qwen3-like LM, no Pre-Buffer); pretrain: a Qwen3 folder with K fresh Pre-Buffer layers
@@ -570,9 +547,8 @@ def launch(cfg, ck=None):
     if procs.ddp:  # every rank trains in rank 0's choice
         dist.broadcast_object_list(choice, src=0)
     cfg.dtype = choice[0]
-    torch.manual_seed(cfg.seed + procs.rank)  # per-rank offset; DDP broadcasts rank 0's weights anyway
-    random.seed(cfg.seed + procs.rank)
-    np.random.seed(cfg.seed + procs.rank)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # per-rank offset; DDP broadcasts rank 0's weights
+        seed(cfg.seed + procs.rank)
     if "cuda" in procs.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
