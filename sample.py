@@ -1,4 +1,4 @@
-"""
+r"""
 Ask NEO about an image, several images or a video, and watch the answer stream out.
 
     python sample.py --image cat.jpg                                # the toy's out/final: a ShapesWorld-style caption
@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import checkpoint
 import data
@@ -72,9 +72,8 @@ DECODING = ("system", "temperature", "top_k", "top_p", "repetition_penalty", "ma
 
 
 def choose_preset(name, ours, path):
-    """--preset auto: our checkpoints keep the toy's format; a released folder follows its config's template:
-    NEO-ov for NEO1_5 (its template's name is not in the authors' repository: "1_5" in it or in the folder's
-    name, as in NEO1_5-2B-SFT), NEO 1.0 for "neo1_0" and when the folder does not say."""
+    """--preset auto, as the docstring's Default says. NEO1_5's template name is not in the authors' repository:
+    "1_5" in it or in the folder's name (NEO1_5-2B-SFT) means NEO-ov."""
     if name != "auto":
         return name
     if ours:
@@ -145,10 +144,9 @@ def save_png(im, path):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Caption an image, several images or a video with NEO.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    p.add_argument("--video", nargs="+", help="a video file (mp4, webm, mov, mkv, avi, ...; needs PyAV), a folder "
-                                              "of frames, an animated GIF/WebP, or frame files")
+    p.add_argument("--video", nargs="+", help="video file (needs PyAV), frame folder, animated GIF/WebP or frame files")
     p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly from --video (default 8); "
                                                              "with --video_fps, the most")
     p.add_argument("--video_fps", type=float, default=None,
@@ -156,36 +154,29 @@ def get_args(argv=None):
                         "--video_fps 1 --num_frames 256)")
     p.add_argument("--prompt", default=None, help="the question (default: asks for a description)")
     p.add_argument("--preset", default="auto", choices=["auto", *INFERENCE],
-                   help="prompt layout, system turn, pixel budgets and decoding (default auto: shapes for our "
-                        "checkpoints, a released folder's own from its config's template)")
+                   help="prompt layout, system turn, pixel budgets and decoding (default auto: see above)")
     p.add_argument("--system", default=None, help="system message (default: the preset's; '' = no system turn)")
     p.add_argument("--init_from", default=None, help="model folder or ckpt.pt (default: OUT_DIR/final)")
     p.add_argument("--out_dir", default="out", help="train.py's out_dir, where the default model is (default out)")
     p.add_argument("--dry_run", action="store_true",
-                   help="print the exact prompt text (image spans written out) to stdout and exit; reads the "
-                        "config and tokenizer, not the weights")
+                   help="print the exact prompt (image spans written out) and exit; reads no weights")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the preset's, capped by the context")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the preset's)")
     p.add_argument("--top_k", type=int, default=None, help="sample from the k likeliest tokens only; 0 = all")
-    p.add_argument("--top_p", type=float, default=None, help="sample from the likeliest tokens holding this "
-                                                             "probability (nucleus); 1 = all")
+    p.add_argument("--top_p", type=float, default=None, help="sample within this much probability (nucleus); 1 = all")
     p.add_argument("--repetition_penalty", type=float, default=None,
                    help="divide (multiply if < 0) the logit of every id seen so far, prompt included; 1 = off")
     p.add_argument("--seed", type=int, default=1337, help="for sampling (default 1337)")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="default auto: bfloat16 on a GPU; on a CPU the faster of float32 and bfloat16 here, "
-                        "measured on one of the model's layers")
-    p.add_argument("--min_pixels", type=int, default=None, help="per image and per video frame (default: the "
-                                                                "preset's)")
-    p.add_argument("--max_pixels", type=int, default=None, help="per image and per video frame (default: the "
-                                                                "preset's)")
+                   help="default auto: bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 runs faster here")
+    p.add_argument("--min_pixels", type=int, default=None, help="per image and video frame (default: the preset's)")
+    p.add_argument("--max_pixels", type=int, default=None, help="per image and video frame (default: the preset's)")
     p.add_argument("--draw_mask", default=None, metavar="OUT.png",
                    help="draw the (t, h, w) indices and the mixed mask of an example sequence to OUT.png, then exit")
     p.add_argument("--show_attention", default=None, metavar="OUT.png",
-                   help=f"save the first image (or video frame) with a heatmap of how much the answer tokens "
-                        f"attended to each of its visual tokens: mean over all heads and the last {ATTN_LAYERS} "
-                        f"layers, over every generated token")
+                   help=f"save the first image (or video frame) with a heatmap of the answer's attention to its visual "
+                        f"tokens (mean over all heads, the last {ATTN_LAYERS} layers and every generated token)")
     return p.parse_args(argv)
 
 
@@ -382,7 +373,6 @@ def stripped(pieces):
 def draw_mask(path):
     """Teaching picture: the (t, h, w) index of every token and the mixed mask (row i may attend to column j)
     for text, a 2x2-token image, text, a 1x2-token image, and a two-frame video with timestamps."""
-    from PIL import Image, ImageDraw, ImageFont
     cfg = NEOConfig()
     S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
     toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
@@ -479,8 +469,7 @@ def main(argv=None):
                           f"lower --max_pixels, pass fewer images or --num_frames, or shorten --prompt")
     if args.dry_run:  # exactly what the model would read: special tokens and image spans written out
         print(describe(name, s), file=sys.stderr)
-        sys.stdout.write(enc.decode(prompt["input_ids"]))
-        sys.stdout.flush()
+        print(enc.decode(prompt["input_ids"]), end="")
         return
     n_new = min(s["max_new_tokens"], cfg.max_seq_len - L)
 
@@ -539,7 +528,7 @@ def load_visuals(args, s, authors):
                                                        sample_fps=args.video_fps)
         except data.DataError as e:
             raise SampleError(f"{e}; --video takes a video file (mp4, webm, mov, ...), a folder of frame images, "
-                              f"an animated GIF/WebP, or frame files") from None
+                              f"an animated GIF/WebP or frame files") from None
         first = to_pil(frames[0]) if first is None else first
         images.extend(frames)
     return images, first, stamps, duration
