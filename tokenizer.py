@@ -110,40 +110,26 @@ def toy_ranks():
 def read_vocab(path):
     """-> (vocab {token: id}, added {content: (id, special)}) from a folder's tokenizer.json, or vocab.json with
     tokenizer_config.json / added_tokens.json (Qwen3, released NEO)."""
-    tj, vj = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.json")
-    added = {}
-    if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            t = json.load(f)
-        vocab = t["model"]["vocab"]
-        added = {a["content"]: (a["id"], a.get("special", True)) for a in t.get("added_tokens", [])}
-    elif os.path.isfile(vj):
-        with open(vj, encoding="utf-8") as f:
-            vocab = json.load(f)
-        tc, at = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "added_tokens.json")
-        if os.path.isfile(at):
-            with open(at, encoding="utf-8") as f:
-                added = {c: (i, True) for c, i in json.load(f).items()}
-        if os.path.isfile(tc):
-            with open(tc, encoding="utf-8") as f:
-                added.update({v["content"]: (int(k), v.get("special", True))
-                              for k, v in json.load(f).get("added_tokens_decoder", {}).items()})
-    else:
+    def load(name):  # one of the folder's JSON files; None where it is missing
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                return json.load(f)
+
+    if (t := load("tokenizer.json")) is not None:
+        return t["model"]["vocab"], {a["content"]: (a["id"], a.get("special", True)) for a in t.get("added_tokens", [])}
+    if (vocab := load("vocab.json")) is None:
         raise ValueError(f"{path}: no tokenizer.json or vocab.json; get_tokenizer accepts 'bytes' or such a folder")
+    added = {c: (i, True) for c, i in (load("added_tokens.json") or {}).items()}
+    added.update({v["content"]: (int(k), v.get("special", True))
+                  for k, v in (load("tokenizer_config.json") or {}).get("added_tokens_decoder", {}).items()})
     return vocab, added
 
 
 def bytes_to_unicode():
     """GPT-2's byte <-> printable unicode table: byte-level BPE vocabularies store tokens in this alphabet."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    rest = [b for b in range(256) if b not in bs]  # control bytes, space, ...: moved past 255, in order
+    return dict(zip(bs + rest, map(chr, bs + [256 + n for n in range(len(rest))])))
 
 
 def folder_tokenizer(path):
