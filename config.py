@@ -29,11 +29,9 @@ def coerce(key, value, default):
             raise ConfigError(f"--{key} must be {kind.__name__}, got {value!r}")
         return value
     if kind is bool:
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"--{key} must be true or false, got {value!r}")
+        if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise ConfigError(f"--{key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
     if kind in (int, float):  # an int may be written '1e4' (a whole number), not '1.5'
         try:
             f = float(value)
@@ -75,6 +73,7 @@ def check_config(cfg, stages, recipe):
     for k, v in vars(cfg).items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{k} must be a finite number, got {v}")
+    at_least = lambda lo, *keys: [(k, getattr(cfg, k) >= lo, f">= {lo}") for k in keys]
     preset = lambda k: (k, getattr(cfg, k) == -1 or getattr(cfg, k) >= 1, ">= 1, or -1 (the preset's)")
     checks = [("model", cfg.model in PRESETS, "|".join(PRESETS)),
               ("stage", cfg.stage in [*stages, "all"], "|".join([*stages, "all"])),
@@ -82,24 +81,19 @@ def check_config(cfg, stages, recipe):
               ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
               ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
               ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "auto|cpu|cuda|cuda:N|mps"),
-              ("out_dir", cfg.out_dir.strip(), "a folder"),
-              ("batch_size", cfg.batch_size >= 1, ">= 1"), ("grad_accum", cfg.grad_accum >= 1, ">= 1"),
-              ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"), ("eval_interval", cfg.eval_interval >= 1, ">= 1"),
-              ("log_interval", cfg.log_interval >= 1, ">= 1"),
+              ("out_dir", cfg.out_dir.strip(), "a folder"), ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"),
+              *at_least(1, "batch_size", "grad_accum", "eval_interval", "log_interval", "eval_batch"),
+              *at_least(0, "weight_decay", "num_workers", "eval_samples", "kill_at"),
               ("max_iters", cfg.max_iters >= 0, ">= 0 (0 = the stage's recipe)"),
               ("iters_scale", cfg.iters_scale > 0, "> 0"),
               ("learning_rate", cfg.learning_rate >= 0, ">= 0 (0 = the stage's recipe)"),
               ("min_lr_ratio", cfg.min_lr_ratio == -1 or 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], or -1 (the recipe's)"),
               ("warmup_iters", cfg.warmup_iters >= -1, ">= 0, or -1 (the recipe's)"),
               ("vision_lr_scale", cfg.vision_lr_scale == -1 or cfg.vision_lr_scale >= 0, ">= 0, or -1 (the recipe's)"),
-              ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
               ("grad_clip", cfg.grad_clip > 0, "> 0"),
               ("threads", cfg.threads >= 0, ">= 0 (0 = torch's default)"),
-              ("num_workers", cfg.num_workers >= 0, ">= 0"),
               ("seed", 0 <= cfg.seed < 2 ** 31, "in [0, 2^31)"),
-              ("eval_samples", cfg.eval_samples >= 0, ">= 0"), ("eval_batch", cfg.eval_batch >= 1, ">= 1"),
-              ("kill_at", cfg.kill_at >= 0, ">= 0"),
               ("rope_theta_hw", cfg.rope_theta_hw == -1 or cfg.rope_theta_hw > 0, "> 0, or -1 (the preset's)"),
               ("n_pre_layers", cfg.n_pre_layers >= -1, ">= 0, or -1 (the preset's)"),
               *map(preset, ("d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_mlp", "vision_dim")),
