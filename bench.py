@@ -39,13 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def cpu_name():
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        import platform
+        return platform.processor() or platform.machine()
 
 
 def python(args, busy=False, timeout=1800):
@@ -137,8 +134,7 @@ def train_speed(cfg, procs):
         n += batches[k % 4]["input_ids"].numel()
     if "cuda" in device:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tps = n / dt
+    tps = n / (time.perf_counter() - t0)
     flops = tps * model.flops_per_token(cfg.max_seq_len)
     peak = peak_flops(device, cfg.dtype)
     gpu = "cuda" in device
@@ -154,8 +150,7 @@ def train_speed(cfg, procs):
 def train_part(repeats):
     """train.py --bench=True per dtype x compile (and auto), plus the auto choice against one thread and a busy CPU."""
     print("\n## training: toy, batch 8 x 192, midtrain mixture (train.py --bench=True)")
-    print("| setting | tok/s | of that dtype's measured GEMM peak |")
-    print("|---|---|---|")
+    print("| setting | tok/s | of that dtype's measured GEMM peak |\n|---|---|---|")
     rows = {}
     settings = [(d, c, t, busy) for d in ("float32", "bfloat16") for c in (False, True) for t, busy in ((0, False),)]
     settings += [("auto", True, 0, False), ("auto", True, 1, False), ("auto", True, 0, True)]
@@ -203,8 +198,7 @@ print(f"decode {best:.1f} tok/s")
 
 def decode_part(repeats):
     print("\n## decoding: the toy (5.4M parameters), one 128x128 image, greedy, 64 new tokens (best of 3)")
-    print("| setting | tok/s |")
-    print("|---|---|")
+    print("| setting | tok/s |\n|---|---|")
     settings = [("cached", "float32", False), ("uncached", "float32", False), ("cached", "bfloat16", False),
                 ("cached", "auto", False), ("cached", "float32", True), ("cached", "auto", True)]
     rows = {}
@@ -317,8 +311,7 @@ def neo2b_part(tmp):
     folder = tempfile.mkdtemp(prefix="neo2b_", dir=tmp)
     try:
         print(python(["-c", SAVE, folder]).strip().splitlines()[-1])
-        for line in python(["-c", LOAD, folder]).strip().splitlines()[-2:]:
-            print(line)
+        print("\n".join(python(["-c", LOAD, folder]).strip().splitlines()[-2:]))
         print(python(["-c", SAMPLE, folder]).rstrip())  # the whole command a user types, on that folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -379,21 +372,17 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="runs of every setting (default 1)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder and videos are written")
     a = p.parse_args()
-    parts = a.only.split(",")
-    bad = set(parts) - {"train", "decode", "neo2b", "video"}
+    parts = {"train": lambda: train_part(a.repeats), "decode": lambda: decode_part(a.repeats),
+             "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats)}
+    bad = set(a.only.split(",")) - set(parts)
     if bad or a.repeats < 1:
         sys.exit(f"bench.py: --only takes train, decode, neo2b, video (got {', '.join(sorted(bad))}); --repeats >= 1")
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
     t0 = time.perf_counter()
-    if "train" in parts:
-        train_part(a.repeats)
-    if "decode" in parts:
-        decode_part(a.repeats)
-    if "neo2b" in parts:
-        neo2b_part(a.tmp)
-    if "video" in parts:
-        video_part(a.tmp, a.repeats)
+    for name, run in parts.items():  # in this order, whatever the order of --only
+        if name in a.only.split(","):
+            run()
     print(f"\n({(time.perf_counter() - t0) / 60:.1f} min)")
 
 

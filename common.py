@@ -172,8 +172,7 @@ def draw_loss_curve(history, path):
     d = ImageDraw.Draw(im)
     xs, ys = [h[1] for h in history], [h[2] for h in history]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    lo, hi = min(ys), max(ys)
-    hi = max(hi, lo + 1e-3)
+    lo, hi = min(ys), max(max(ys), min(ys) + 1e-3)
     X = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
     Y = lambda y: H - m - (y - lo) / (hi - lo) * (H - 2 * m)
     d.rectangle((m, m, W - m, H - m), outline="black")

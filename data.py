@@ -319,9 +319,6 @@ class _Batches(torch.utils.data.IterableDataset):
 # -----------------------------------------------------------------------------
 # 4. LLaVA / NEO JSON(L) datasets
 
-MALFORMED = "malformed record (a field missing or of the wrong type)"
-
-
 def skip_reason(e):
     """A record's error -> its kind, the key of the loader's skip report."""
     if isinstance(e, DataError):
@@ -330,7 +327,7 @@ def skip_reason(e):
         return "not valid JSON"
     if isinstance(e, OSError):
         return "unusable image or video"
-    return MALFORMED
+    return "malformed record (a field missing or of the wrong type)"
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -446,8 +443,7 @@ class JSONLDataset:
         if video and "<video>" not in text:
             msgs[first] = ("user", "<video>\n" + msgs[first][1])
         # expand the placeholders in order: each <image> takes the next file, <video> its frames
-        images, files, n_files = [], list(files), len(files)
-        out = []
+        images, files, n_files, out = [], list(files), len(files), []
         for role, t in msgs:
             parts = re.split(r"(<image>|<video>)", t)
             for j, p in enumerate(parts):

@@ -234,14 +234,10 @@ def build_positions(input_ids, grids, cfg, doc_ids=None):
         raise ValueError(f"input_ids hold {n_vis} <IMG_CONTEXT> tokens but the images give {n_expect} "
                          f"visual tokens; build each span as <img> + (H/32)*(W/32) x <IMG_CONTEXT> + </img>")
     if n_vis:
-        hs, ws, ids = [], [], []
-        for k, (r, c_) in enumerate(grids):
-            hs.append(torch.arange(r, device=dev).repeat_interleave(c_))
-            ws.append(torch.arange(c_, device=dev).repeat(r))
-            ids.append(torch.full((r * c_,), k, device=dev))
-        if cfg.rope == "native":
-            h[is_vis], w[is_vis] = torch.cat(hs), torch.cat(ws)  # boolean assignment is row-major
-        img_id[is_vis] = torch.cat(ids)
+        if cfg.rope == "native":  # each image's grid row-major, as boolean assignment fills the spans
+            h[is_vis] = torch.cat([torch.arange(r, device=dev).repeat_interleave(c_) for r, c_ in grids])
+            w[is_vis] = torch.cat([torch.arange(c_, device=dev).repeat(r) for r, c_ in grids])
+        img_id[is_vis] = torch.cat([torch.full((r * c_,), k, device=dev) for k, (r, c_) in enumerate(grids)])
     return torch.stack((t, h, w)), img_id
 
 
@@ -560,8 +556,7 @@ class NEO(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **overrides):
-        """A released NEO folder, a Qwen3 folder (the Post-LLM behind fresh Pre-Buffer layers) or our ckpt.pt, in
-        `dtype` (None: the checkpoint's own). Strict: a missing, unexpected or mis-shaped tensor is an error."""
+        """A released NEO folder, a Qwen3 folder or our ckpt.pt in `dtype` (None: its own); see checkpoint.load."""
         import checkpoint
         return checkpoint.load(path, dtype, **overrides)
 
