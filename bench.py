@@ -18,7 +18,6 @@ Each train.py --bench=True there runs train_speed below: one configuration's tra
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,9 +187,8 @@ elif sys.argv[2] == "bfloat16":
 img = torch.randn(3, 128, 128).to(next(model.parameters()).dtype)   # a ShapesWorld-sized image: 16 tokens
 best = 0
 for _ in range(3):
-    t0, n = time.perf_counter(), 0
-    for _ in model.generate_stream(ids, [img], max_new_tokens=64, use_cache=sys.argv[1] == "cached"):
-        n += 1
+    t0 = time.perf_counter()
+    n = sum(1 for _ in model.generate_stream(ids, [img], max_new_tokens=64, use_cache=sys.argv[1] == "cached"))
     best = max(best, n / (time.perf_counter() - t0))
 print(f"decode {best:.1f} tok/s")
 """
@@ -308,13 +306,10 @@ print("  " + "\n  ".join(l for l in p.stderr.splitlines() if l.strip()))
 
 def neo2b_part(tmp):
     print("\n## a NEO-2B-shaped model (2.6B parameters, bf16, random weights) in the released layout")
-    folder = tempfile.mkdtemp(prefix="neo2b_", dir=tmp)
-    try:
+    with tempfile.TemporaryDirectory(prefix="neo2b_", dir=tmp, ignore_cleanup_errors=True) as folder:
         print(python(["-c", SAVE, folder]).strip().splitlines()[-1])
         print("\n".join(python(["-c", LOAD, folder]).strip().splitlines()[-2:]))
         print(python(["-c", SAMPLE, folder]).rstrip())  # the whole command a user types, on that folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 WRITE_VIDEO = r"""
@@ -351,8 +346,7 @@ print(f"{time.perf_counter() - t0:.3f} {resource.getrusage(resource.RUSAGE_SELF)
 def video_part(tmp, repeats):
     print("\n## video files: data.load_video(file, 8 frames), NEO-ov's frame budget, each in a fresh process")
     print("| file | size | load_video | peak RSS (after imports) |\n|---|---|---|---|")
-    folder = tempfile.mkdtemp(prefix="video_", dir=tmp)
-    try:
+    with tempfile.TemporaryDirectory(prefix="video_", dir=tmp, ignore_cleanup_errors=True) as folder:
         for ext in (".mp4", ".webm"):
             for name, n in (("10 s", 300), ("20 min", 36000)):
                 path = os.path.join(folder, f"{n}{ext}")
@@ -362,8 +356,6 @@ def video_part(tmp, repeats):
                       f"{spread([float(r[0]) for r in runs], '{:.2f} s')} | {runs[0][1]} MiB ({runs[0][2]} MiB) |")
         t, rss, _ = python(["-c", LOAD_VIDEO, os.path.join(folder, "36000.mp4"), "all"]).split()
         print(f"(decoding all 36,000 frames of the 20 min mp4, for comparison: {float(t):.1f} s, {rss} MiB)")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():
@@ -374,8 +366,7 @@ def main():
     a = p.parse_args()
     parts = {"train": lambda: train_part(a.repeats), "decode": lambda: decode_part(a.repeats),
              "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats)}
-    bad = set(a.only.split(",")) - set(parts)
-    if bad or a.repeats < 1:
+    if (bad := set(a.only.split(",")) - set(parts)) or a.repeats < 1:
         sys.exit(f"bench.py: --only takes train, decode, neo2b, video (got {', '.join(sorted(bad))}); --repeats >= 1")
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
