@@ -46,25 +46,22 @@ def coerce(key, value, default):
 def read_args(argv, defaults):
     """[config.py] --key=value ... -> {key: value} for the keys given, each of its default's type (defaults: every
     key's default); an unknown key is refused with the list of the valid ones."""
-    given = {}
+    pairs = []  # (key, value, where it was given)
     if argv and not argv[0].startswith("--"):  # a config file: plain Python assigning some keys
         import runpy
         path, argv = argv[0], argv[1:]
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} not found")
-        for k, v in runpy.run_path(path).items():
-            if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                if k not in defaults:
-                    raise ConfigError(f"unknown key {k!r} in {path}; valid keys: {', '.join(defaults)}")
-                given[k] = coerce(k, v, defaults[k])
+        pairs = [(k, v, f" in {path}") for k, v in runpy.run_path(path).items()
+                 if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))]
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"arguments look like --key=value, got {arg!r}; valid keys: {', '.join(defaults)}")
-        k, v = arg[2:].split("=", 1)  # split once: values may contain '='
+        pairs.append((*arg[2:].split("=", 1), ""))  # split once: values may contain '='
+    for k, v, where in pairs:
         if k not in defaults:
-            raise ConfigError(f"unknown key {k!r}; valid keys: {', '.join(defaults)}")
-        given[k] = coerce(k, v, defaults[k])
-    return given
+            raise ConfigError(f"unknown key {k!r}{where}; valid keys: {', '.join(defaults)}")
+    return {k: coerce(k, v, defaults[k]) for k, v, _ in pairs}
 
 
 def check_config(cfg, stages, recipe):
