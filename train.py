@@ -218,7 +218,7 @@ def vision_lr_scale(cfg, stage):
     return 0.1 if stage == "pretrain" else 0.0
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_scale=1.0, eps=1e-8):
+def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_scale=1.0):
     """AdamW over the trainable parameters; no weight decay on norms and biases (1-D tensors). The patch
     embedding's groups carry lr_scale: the loop multiplies the scheduled LR by it (see vision_lr_scale)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -226,7 +226,7 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, vision_lr_sc
                "weight_decay": weight_decay if decay else 0.0, "lr_scale": vision_lr_scale if vision else 1.0}
               for vision in (False, True) for decay in (True, False)]
     fused = all(p.is_cuda for _, p in named)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, fused=fused)
 
 
 def get_lr(step, lr, ratio, warmup, iters):
@@ -490,8 +490,6 @@ def load_stage_model(cfg, stage, init):
     if not init:
         raise ConfigError(f"--stage={stage} needs a model to start from: --init_from=<folder> or a previous "
                           f"stage in {cfg.out_dir}")
-    if not os.path.exists(init):
-        raise ConfigError(f"--init_from={init} does not exist")
     cfg_json = os.path.join(init, "config.json")
     is_qwen3 = os.path.isfile(cfg_json) and json.load(open(cfg_json)).get("model_type") == "qwen3"
     if is_qwen3:  # the LLM's sizes come from its config.json; we choose only what NEO adds to it
@@ -518,9 +516,8 @@ def diverged(losses, factor=2.0):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nkeys (--key=value) and their toy defaults:")
-        for f in fields(TrainConfig):
-            print(f"  --{f.name}={getattr(TrainConfig, f.name)}")
+        print(__doc__.strip() + "\n\nkeys (--key=value) and their toy defaults:\n" +
+              "\n".join(f"  --{f.name}={getattr(TrainConfig, f.name)}" for f in fields(TrainConfig)))
         return None
     cfg = parse_config(argv)
     if cfg.bench:  # bench writes nothing
@@ -556,7 +553,6 @@ def launch(cfg, ck=None):
     if cfg.bench:
         import bench
         return bench.train_speed(cfg, procs)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     order = PAPER_ORDER if cfg.model != "toy" else [s for s in ORDER if s != "spatial" or cfg.spatial_curriculum]
     stages = order if cfg.stage == "all" else [cfg.stage]
     if cfg.stage == "all" and cfg.init_from:  # the LLM is given (a Qwen3 folder or a NEO): no toy llm stage
@@ -616,9 +612,8 @@ def resolve_dtype(cfg, device):
 
 
 def cli():
-    """python train.py: what the user can fix (a bad command line, unusable data, a NaN, a locked out_dir, an
-    unreadable checkpoint, a full disk) ends in one line on stderr and exit code 2 (the command line) or 1;
-    anything else is a bug and keeps its traceback."""
+    """python train.py: what the user can fix (the errors caught below) ends in one line on stderr and exit code 2
+    (the command line) or 1; anything else is a bug and keeps its traceback."""
     try:
         main()
     except (ConfigError, TrainError, checkpoint.CheckpointError, data.DataError, OSError) as e:
