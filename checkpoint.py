@@ -222,8 +222,7 @@ def from_hf_config(hf, **overrides):
         raise ValueError(f"config.json lacks {e}: not a NEO config (need llm_config, vision_config)") from None
     kw.update(hf.get("nano_neo", {}))
     names = {f.name for f in fields(NEOConfig)}
-    bad = set(overrides) - names
-    if bad:
+    if bad := set(overrides) - names:
         raise ValueError(f"unknown config keys {sorted(bad)}; valid: {sorted(names)}")
     kw.update(overrides)
     if kw["img_start_id"] is None or kw["img_context_id"] is None:

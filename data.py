@@ -651,13 +651,10 @@ def read_video_file(name, num_frames, min_pixels, max_pixels, sample_fps, author
 def load_video(path, num_frames=8, min_pixels=64 * 64, max_pixels=128 * 128, fps=1.0, authors=False,
                sample_fps=None):
     """A video file (mp4, webm, mov, mkv, avi, ...: read_video_file), a folder of frames, a list of frame files, or
-    an animated GIF/WebP -> (frames, timestamps, duration).
-
-    frames: list of (3, H, W) tensors; max_pixels is the budget PER FRAME, so keep it small enough that
-    num_frames frames fit the context. Frame files are taken to be `fps` apart; an animation uses its own
-    frame durations. Timestamps and duration are in seconds. num_frames frames, or with sample_fps that many per
-    second, at most num_frames (frame_indices). authors=True: frames chosen and loaded as the released models'
-    evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
+    an animated GIF/WebP -> (frames: (3, H, W) tensors, timestamps, duration), which frames as frame_indices says.
+    max_pixels is the budget PER FRAME: num_frames frames must fit the context. Frame files are taken to be `fps`
+    apart; an animation uses its own frame durations; times in seconds. authors=True: frames chosen and loaded as
+    the released models' evaluation does (authors_indices, authors_rgb); else the toy's (uniform_indices, to_rgb)."""
     if isinstance(path, (list, tuple)) or os.path.isdir(str(path)):
         files = list(path) if isinstance(path, (list, tuple)) else sorted(
             os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))

@@ -68,10 +68,8 @@ def evaluate(model, enc, cfg, device, ctx, blind=False, families=None):
         for i in range(0, len(group), cfg.eval_batch):
             chunk = group[i:i + cfg.eval_batch]
             x = torch.tensor([p["input_ids"] for p in chunk], device=device)
-            imgs = [im for p in chunk for im in p["images"]]
-            if blind:
-                imgs = [torch.randn(im.shape, generator=gen) for im in imgs]
-            imgs = [im.to(device) for im in imgs]
+            imgs = [(torch.randn(im.shape, generator=gen) if blind else im).to(device)  # blind: noise, same shapes
+                    for p in chunk for im in p["images"]]
             n_new = max(len(enc.encode(p["answer"])) for p in chunk) + 2
             with ctx, torch.compiler.set_stance("force_eager"):  # --compile=True: decode eagerly
                 out = model.generate(x, imgs, max_new_tokens=n_new, eos_id=ids["im_end"], vocab_limit=enc.n_vocab)

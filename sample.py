@@ -95,9 +95,7 @@ def settings(name, args, cfg):
         hi = args.max_pixels or hi
         lo = args.min_pixels or min(lo, hi)
         s[key] = (lo, hi if args.max_pixels else max(lo, hi))
-    for k in DECODING:
-        if getattr(args, k) is not None:
-            s[k] = getattr(args, k)
+    s.update({k: getattr(args, k) for k in DECODING if getattr(args, k) is not None})
     s["top_k"] = s["top_k"] if s["top_k"] and s["top_k"] > 0 else None
     s["top_p"] = s["top_p"] if s["top_p"] is not None and s["top_p"] < 1 else None
     for what, (lo, hi) in (("image", s["image_pixels"]), ("video frame", s["frame_pixels"])):
@@ -276,8 +274,7 @@ def choose_cpu_setting(model, prompt_len, max_new_tokens, steps=8):
     mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
     n_new = min(max_new_tokens, 128)  # answers seldom use all of a large --max_new_tokens
     dtypes = [torch.float32, torch.bfloat16]
-    fp32_bytes = 4 * model.num_params()
-    if next(model.parameters()).dtype != torch.float32 and fp32_bytes > 0.8 * available_memory():
+    if next(model.parameters()).dtype != torch.float32 and 4 * model.num_params() > 0.8 * available_memory():
         dtypes = [next(model.parameters()).dtype]  # a float32 copy of these weights would not fit in memory
     blocks = {dt: copy.deepcopy(src).to(dt) for dt in dtypes}
 
@@ -375,8 +372,7 @@ def draw_mask(path):
     for text, a 2x2-token image, text, a 1x2-token image, and a two-frame video with timestamps."""
     cfg = NEOConfig()
     S, E, V = cfg.img_start_id, cfg.img_end_id, cfg.img_context_id
-    toks = ["A", "<img>"] + ["v"] * 4 + ["</img>", "B", "<img>"] + ["v"] * 2 + ["</img>", "[0s]"] + \
-           ["<img>"] + ["v"] * 2 + ["</img>", "[1s]", "<img>"] + ["v"] * 2 + ["</img>", "C"]
+    toks = "A <img> v v v v </img> B <img> v v </img> [0s] <img> v v </img> [1s] <img> v v </img> C".split()
     ids = torch.tensor([[{"<img>": S, "</img>": E, "v": V}.get(t, 65) for t in toks]])
     pos, img_id = build_positions(ids, [(2, 2), (1, 2), (1, 2), (1, 2)], cfg)
     m = build_attention_mask(torch.zeros_like(ids), img_id)[0, 0]

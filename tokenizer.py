@@ -158,6 +158,4 @@ def tokenizer_of(folder):
     itself where it holds tokenizer.json or vocab.json; None where it has neither."""
     if os.path.isfile(os.path.join(folder, "tokenizer.txt")):
         return open(os.path.join(folder, "tokenizer.txt")).read().strip()
-    if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
-        return folder
-    return None
+    return folder if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")) else None
