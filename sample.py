@@ -119,6 +119,7 @@ def describe(name, s):
 
 
 why = data.one_line  # an exception as one short line, in every error message below
+MODELS = "a released NEO folder, a folder train.py wrote, or a ckpt.pt"  # what --init_from takes, in those messages
 
 
 class SampleError(Exception):
@@ -185,7 +186,7 @@ def get_args(argv=None):
 def load_tokenizer(path):
     """-> (tokenizer, ours). ours: written by train.py (ckpt.pt, tokenizer.txt or our config.json)."""
     if not os.path.exists(path):
-        raise SampleError(f"{path} does not exist: pass a released NEO folder, a folder train.py wrote, or a ckpt.pt")
+        raise SampleError(f"{path} does not exist: pass {MODELS}")
     ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
     if os.path.isdir(path) and (os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(ckpt)):
         ckpt = None
@@ -198,8 +199,7 @@ def load_tokenizer(path):
         ours = True
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SampleError(f"{path}: no config.json or ckpt.pt; pass a released NEO folder, a folder train.py "
-                              f"wrote, or a ckpt.pt")
+            raise SampleError(f"{path}: no config.json or ckpt.pt; pass {MODELS}")
         tok = tokenizer.tokenizer_of(path)
         if tok is None:
             raise SampleError(f"{path}: no tokenizer (tokenizer.json, vocab.json or tokenizer.txt); copy the "
@@ -220,8 +220,7 @@ def load_config(path, enc):
     try:
         cfg, _ = checkpoint.read_config(path)
     except Exception as e:
-        raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
-                          f"or a ckpt.pt, with its config and weights from the same model") from None
+        raise SampleError(f"cannot load {path} ({why(e)}); pass {MODELS} (one model's config and weights)") from None
     ids = tokenizer.special_ids(enc)
     if (ids["img_start"], ids["img_context"]) != (cfg.img_start_id, cfg.img_context_id) or enc.n_vocab > cfg.vocab_size:
         raise SampleError(f"{path}: tokenizer and model disagree (tokenizer: <img> {ids['img_start']}, <IMG_CONTEXT> "
@@ -236,8 +235,7 @@ def load_model(path, device, dtype, enc):
         model = NEO.from_pretrained(path, dtype=dtype, img_start_id=ids["img_start"],
                                     img_context_id=ids["img_context"], img_end_id=ids["img_end"])
     except Exception as e:  # strict loading names the missing / unexpected / mis-shaped tensor
-        raise SampleError(f"cannot load {path} ({why(e)}); pass a released NEO folder, a folder train.py wrote, "
-                          f"or a ckpt.pt, with its config and weights from the same model") from None
+        raise SampleError(f"cannot load {path} ({why(e)}); pass {MODELS} (one model's config and weights)") from None
     try:
         model.eval().to(device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
@@ -445,7 +443,7 @@ def main(argv=None):
     path = args.init_from or os.path.join(args.out_dir, "final")
     if not args.init_from and not os.path.exists(path):
         raise SampleError(f"no model at {path}: run `python train.py` first (it writes {path}/), "
-                          f"or pass --init_from=DIR (a released NEO folder, one of ours, or a ckpt.pt)")
+                          f"or pass --init_from=DIR ({MODELS})")
     enc, ours = load_tokenizer(path)
     cfg = load_config(path, enc)
     name = choose_preset(args.preset, ours, path)
