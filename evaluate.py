@@ -24,9 +24,9 @@ def evaluate_stage(cfg, stage, model, enc, device, ctx, run, blind):
     if families is None and cfg.probe_weight > 0:
         families = list(shapes.FAMILIES) + list(shapes.PROBE_FAMILIES)
 
-    def score(blind):
+    def score(noise):
         try:
-            return evaluate(model, enc, cfg, device, ctx, blind=blind, families=families)
+            return evaluate(model, enc, cfg, device, ctx, blind=noise, families=families)
         except Exception:
             traceback.print_exc()
             print0("evaluation failed (traceback above, please report it); the stage's weights are saved, the run "
