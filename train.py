@@ -71,6 +71,7 @@ class TrainConfig:
     rope: str = "native"          # native|1d (1d: every token, visual ones too, gets its own t)
     mask: str = "mixed"           # mixed|causal (causal: no bidirectional attention inside an image)
     rope_theta_hw: float = -1.0   # base of the H/W rotary channels (1e4 in NEO)
+    patch_rope: bool = True       # the patch embedding's 2-D rotation of patch features (NEO: on)
     # optimisation; 0 or -1 = the stage's recipe value (STAGES below)
     max_iters: int = 0            # optimizer steps per stage
     iters_scale: float = 1.0      # multiplies every stage's recipe steps (a longer toy run: --iters_scale=4)
@@ -275,7 +276,7 @@ def model_overrides(cfg):
     """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
     out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
                                         "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
-    return {**out, "rope": cfg.rope, "mask": cfg.mask}
+    return {**out, "rope": cfg.rope, "mask": cfg.mask, "patch_rope": cfg.patch_rope}
 
 
 # -----------------------------------------------------------------------------
