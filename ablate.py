@@ -179,7 +179,7 @@ COLOURS = [(200, 40, 40), (40, 90, 200), (230, 140, 0), (120, 60, 170), (30, 150
 def draw_curves(tasks, settings, seeds, runs, path):
     """One panel per task: held-out accuracy vs step, per setting its seeds' mean (line) and min-max (band)."""
     pw, H, m = 560, 440, 50
-    im = Image.new("RGB", (pw * len(tasks), H + 20 * len(settings)), "white")
+    im = Image.new("RGB", (pw * len(tasks), H + 20 * len(settings) + 20), "white")
     d = ImageDraw.Draw(im, "RGBA")
     steps = runs[settings[0][0], seeds[0]]["steps"]
     for k, t in enumerate(tasks):
