@@ -77,13 +77,13 @@ def test_reading_a_hand_built_canvas():
     assert (q, ans) == ("Which is further left, the circle or the square?", "circle")
 
 
-@pytest.mark.parametrize("task", ["pick_lr", "pick_ud", "yesno_lr", "yesno_ud"])
+@pytest.mark.parametrize("task", ["left", "higher", "pick_lr", "pick_ud", "yesno_lr", "yesno_ud"])
 def test_two_shape_answers_match_the_pixels(task):
-    """Every answer agrees with where the two named shapes are drawn; canvases span 1-8 cells on the other axis,
-    and the tall and wide extremes occur."""
+    """Every answer agrees with where the two named shapes are drawn; canvases span 2-8 cells on each axis, and the
+    tall and wide extremes occur; "left" and "higher" always ask that one direction."""
     refs, sides = reference_counts(), set()
     gen, answers = shapes.POSITION_PROBES[task]
-    k = 0 if task.endswith("lr") else 1  # column or row
+    k = 0 if task in ("left", "pick_lr", "yesno_lr") else 1  # column or row
     for i in range(150):
         (img,), [(q, ans)] = gen(random.Random(i))
         sides.add((img.width // shapes.CELL, img.height // shapes.CELL))
@@ -91,13 +91,15 @@ def test_two_shape_answers_match_the_pixels(task):
         found = objects_in(img, refs)
         x, y = [w.strip("?,") for w in q.split() if w.strip("?,") in shapes.SHAPES]
         assert set(found) == {x, y} and found[x][k] != found[y][k], (i, q)
-        if task.startswith("pick"):
+        if task in ("left", "higher"):
+            assert ("further left" if task == "left" else "higher") in q, q
+        if task in ("left", "higher", "pick_lr", "pick_ud"):
             first = min((x, y), key=lambda s: found[s][k])  # further left / higher
             want = first if ("left" in q or "higher" in q) else ({x, y} - {first}).pop()
         else:
             want = (("left", "right") if k == 0 else ("above", "below"))[found[x][k] > found[y][k]]
         assert ans == want, (i, q, ans, found)
-    assert {1, 8} <= {w for w, h in sides} | {h for w, h in sides} and any(w >= 4 * h or h >= 4 * w for w, h in sides)
+    assert {2, 8} <= {w for w, h in sides} | {h for w, h in sides} and any(w >= 4 * h or h >= 4 * w for w, h in sides)
 
 
 def test_move2_answer_matches_the_pixels():
@@ -122,7 +124,8 @@ def test_probe_end_to_end(tmp_path, capsys):
     assert [r.split(" | ")[0] for r in md[2:2 + len(ablate.SETTINGS_PROBE)]] == \
         [f"| {name}" for name, _ in ablate.SETTINGS_PROBE]
     info = json.load(open(out / "probe.json"))
-    assert len(info["runs"]) == 2 * len(ablate.SETTINGS_PROBE) and info["tasks"] == ["pick_lr", "pick_ud"]
+    assert len(info["runs"]) == 2 * len(ablate.SETTINGS_PROBE) and info["tasks"] == ["left", "higher"]
+    assert all(set(r["seconds_per_step"]) == {"left", "higher"} for r in info["runs"])  # one model per question
     for r in info["runs"]:
         assert r["steps"] == [0, 1, 2] and all(len(a) == 3 and all(0 <= x <= 1 for x in a) for a in r["acc"].values())
     assert Image.open(out / "probe.png").size[0] == 2 * 560  # one panel per task
