@@ -126,4 +126,4 @@ def model_overrides(cfg):
     """NEOConfig fields the command line sets (-1 = keep the preset's / the checkpoint's)."""
     out = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_pre_layers", "n_head", "n_kv_head",
                                         "head_dim", "d_mlp", "vision_dim", "rope_theta_hw") if getattr(cfg, k) != -1}
-    return {**out, "rope": cfg.rope, "mask": cfg.mask}
+    return {**out, "rope": cfg.rope, "mask": cfg.mask, "patch_rope": cfg.patch_rope}

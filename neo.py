@@ -49,6 +49,7 @@ class NEOConfig:
     downsample: int = 2              # 2x2 patches -> one token, so one token = 32x32 px
     vision_dim: int = 128            # C_v, channels of the 16-px patch features (1024 in NEO)
     rope_theta_vision: float = 1e4   # 2-D rotation of patch features
+    patch_rope: bool = True          # ablation switch (ablate.py); NEO: on. False skips that rotation
     min_pixels: int = 64 * 64
     max_pixels: int = 256 * 256
     # special token ids (from the tokenizer; these are the toy bytes tokenizer's)
@@ -154,6 +155,8 @@ class PatchEmbed(nn.Module):
     def rotate(self, x, rows, cols):
         """The only absolute position signal NEO has: of each 16-px patch's features x (N, C), the first C/2 rotate
         with its column (x), the last C/2 with its row (y); in float32, as the authors do."""
+        if not self.cfg.patch_rope:  # ablation: no absolute position in the patch features at all
+            return x
         C, theta, y = x.shape[-1], self.cfg.rope_theta_vision, x.float()
         return torch.cat((rope_interleaved(y[:, :C // 2], cols, theta),
                           rope_interleaved(y[:, C // 2:], rows, theta)), dim=-1).to(x.dtype)

@@ -425,25 +425,34 @@ def gen_where(rng):
     return [draw(w * CELL, h * CELL, [o])], [("<image>Where is the shape?", ans)]
 
 
-def gen_far(rng, axis):
-    """A relation between two shapes in different rows and different columns of a 3-8 x 3-8 canvas."""
-    w, h = probe_canvas(rng, lo=3)
+def wide_canvas(rng):
+    """2-8 x 2-8 token cells, chosen independently (aspect 4:1 to 1:4), so two shapes can differ on both axes."""
+    return rng.randint(2, 8), rng.randint(2, 8)
+
+
+def gen_far(rng, axis, pick=False, wide=False, far=None):
+    """A relation between two shapes in different rows and different columns (of a 3-8 x 3-8 canvas; wide=True:
+    wide_canvas). pick=True asks it as pick_qa does: 'Which is further left, the circle or the square?' -> a shape;
+    far: 0 = always left / higher, 1 = always right / lower, None = either."""
+    w, h = wide_canvas(rng) if wide else probe_canvas(rng, lo=3)
     a, b = new_objects(rng, 2, distinct_shapes=True)
     cells = [(x, y) for x in range(w) for y in range(h)]
     (ax, ay) = rng.choice(cells)
     (bx, by) = rng.choice([(x, y) for x, y in cells if x != ax and y != ay])
-    q, ans = spatial_qa(at(a, ax, ay), at(b, bx, by), axis)
+    at(a, ax, ay), at(b, bx, by)
+    q, ans = pick_qa(a, b, axis, rng.randrange(2) if far is None else far) if pick else spatial_qa(a, b, axis)
     return [draw(w * CELL, h * CELL, [a, b])], [("<image>" + q, ans)]
 
 
-def gen_move(rng):
+def gen_move(rng, frames=3, sides=(3, 5)):
     """Three frames of 3-5 x 3-5 cells, one shape moving one cell a frame: left | right | up | down."""
-    w, h, d, obj = rng.randint(3, 5), rng.randint(3, 5), rng.choice(DIRS), new_objects(rng, 1)[0]
+    w, h, d, obj = rng.randint(*sides), rng.randint(*sides), rng.choice(DIRS), new_objects(rng, 1)[0]
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[d]
-    start = lambda n, step: rng.randrange(2, n) if step < 0 else rng.randrange(n - 2) if step > 0 else rng.randrange(n)
+    m = frames - 1  # cells moved in all
+    start = lambda n, step: rng.randrange(m, n) if step < 0 else rng.randrange(n - m) if step > 0 else rng.randrange(n)
     x0, y0 = start(w, dx), start(h, dy)
-    path = [at(dict(obj), x0 + i * dx, y0 + i * dy) for i in range(3)]
-    q = video_prompt([0, 1, 2], 3) + "Which way does the shape move?"
+    path = [at(dict(obj), x0 + i * dx, y0 + i * dy) for i in range(frames)]
+    q = video_prompt(list(range(frames)), frames) + "Which way does the shape move?"
     return [draw(w * CELL, h * CELL, [o]) for o in path], [(q, moved(path, d))]
 
 
@@ -463,6 +472,20 @@ PROBE_CONTROLS = ("color_big",)
 CHANCE.update({f: c for f, (_, c) in PROBE_FAMILIES.items()})
 GENERATORS.update(where=gen_where, lr_far=lambda rng: gen_far(rng, "lr"), ab_far=lambda rng: gen_far(rng, "ab"),
                   move=gen_move, color_big=gen_color_big)
+
+# The position probe (ablate.py): from scratch, one model per question, canvases of 2-8 x 2-8 cells. "left" and
+# "higher" (one direction each: find the extreme shape) are learnt in a few hundred steps; a model asked both
+# directions, both axes or the yes/no form must also condition on the question's words, which it does not learn at
+# this budget (EXPERIMENTS.md, section 'The position probe').
+POSITION_PROBES = {"left": (lambda rng: gen_far(rng, "lr", pick=True, wide=True, far=0), SHAPES),
+                   "higher": (lambda rng: gen_far(rng, "ab", pick=True, wide=True, far=0), SHAPES),
+                   "pick_lr": (lambda rng: gen_far(rng, "lr", pick=True, wide=True), SHAPES),
+                   "pick_ud": (lambda rng: gen_far(rng, "ab", pick=True, wide=True), SHAPES),
+                   "yesno_lr": (lambda rng: gen_far(rng, "lr", wide=True), ("left", "right")),
+                   "yesno_ud": (lambda rng: gen_far(rng, "ab", wide=True), ("above", "below")),
+                   "move2": (lambda rng: gen_move(rng, frames=2, sides=(2, 8)), DIRS)}
+GENERATORS.update({f: g for f, (g, _) in POSITION_PROBES.items()})
+CHANCE.update({f: 1 / 2 for f in POSITION_PROBES}, move2=1 / 4)
 
 
 class ShapesWorld:

@@ -313,7 +313,8 @@ def test_ablation_runs_each_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "SETTINGS", settings)
     out = tmp_path / "abl"
     args = [a for a in TINY if not a.startswith(("--eval_samples", "--threads"))]
-    ablate.main([f"--out_dir={out}", "--seeds=1", "--jobs=2", "--eval_samples=1", "--max_iters=1", *args])
+    ablate.main(["--pipeline=True", f"--out_dir={out}", "--seeds=1", "--jobs=2", "--eval_samples=1", "--max_iters=1",
+                 *args])
     for i, (_, over, _) in enumerate(settings):
         cfg = json.load(open(out / f"run{i}_1337" / "final" / "config.json"))
         llm, ours = cfg["llm_config"], cfg["nano_neo"]
@@ -346,7 +347,7 @@ def test_ablation_checks_arguments_first(tmp_path, capsys):
     for bad, says in (("--learning_rat=1e-3", "unknown key 'learning_rat'"), ("--seeds=0", "--seeds must be at least 1"),
                       ("--iters_scale=-1", "--iters_scale must be > 0"), ("--jobs=two", "--jobs must be an integer")):
         with pytest.raises(SystemExit) as e:
-            ablate.main([f"--out_dir={tmp_path}/abl", bad])
+            ablate.main(["--pipeline=True", f"--out_dir={tmp_path}/abl", bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ablate.py: ") and says in err[0], (bad, err)
     assert not (tmp_path / "abl").exists()  # nothing ran

@@ -77,6 +77,7 @@ class TrainConfig:
     rope: str = "native"          # native|1d (1d: every token, visual ones too, gets its own t)
     mask: str = "mixed"           # mixed|causal (causal: no bidirectional attention inside an image)
     rope_theta_hw: float = -1.0   # base of the H/W rotary channels (1e4 in NEO)
+    patch_rope: bool = True       # the patch embedding's 2-D rotation of patch features (NEO: on)
     # optimisation; 0 or -1 = the stage's recipe value (STAGES below)
     max_iters: int = 0            # optimizer steps per stage
     iters_scale: float = 1.0      # multiplies every stage's recipe steps (a longer toy run: --iters_scale=4)
