@@ -1,18 +1,19 @@
 """
-The paper's position claims (Table 3) at toy scale, in a form a student can run and watch: one small model per
-setting (~1M parameters), trained from scratch on one position question on canvases of 1-8 x 1-8 token cells,
-scored on held-out prompts every few steps; 3 seeds per setting, learning curves with the seeds' spread.
+The paper's position claims (Table 3) at toy scale, in a form a student can run and watch: small NEOs (~1M
+parameters) trained from scratch, one per setting, seed and position question, on canvases of 2-8 x 2-8 token
+cells, scored on held-out prompts every 50 steps; 3 seeds per setting, learning curves with the seeds' spread.
 
-    python ablate.py                     # 6 settings x 3 seeds x 500 steps: out/ablation/probe.{md,json,png}
+    python ablate.py                     # 6 settings x 3 seeds x 2 questions x 400 steps: out/ablation/probe.*
     python ablate.py --tasks=yesno_lr --settings=0 --seeds=1 --steps=1000   # the hard form (EXPERIMENTS.md)
+    python ablate.py --tasks=left,higher --together=True   # one model on both questions: it learns neither
     python ablate.py --steps=2 --seeds=1 --eval_samples=4 --eval_every=1    # a smoke test (seconds)
     python ablate.py --pipeline=True     # the older ablation: every setting through the whole toy pipeline (75 min)
 
-The probe (default): "Which is further left, the circle or the square?" -> a shape, and the same with higher/lower
-(shapes.POSITION_PROBES; --tasks picks others). Accuracy is the held-out prompts whose answer token is the
-model's most likely next token. Settings: the NEO row, then one switch at a time (SETTINGS_PROBE says why).
-Measured (EXPERIMENTS.md, "The position probe"): 24 min on a shared 2-core AMD EPYC, and at 500 steps no setting
-leaves chance yet.
+The probe (default): "Which is further left, the circle or the square?" -> a shape (`left`), and "Which is higher,
+...?" (`higher`); shapes.POSITION_PROBES has the others. Accuracy is the share of held-out prompts whose answer
+token is the model's most likely next token. Settings: the NEO row, then one switch at a time (SETTINGS_PROBE says
+why). Measured (EXPERIMENTS.md, "The position probe"): 31 min on a 2-core AMD EPYC shared with other work (~24
+quiet); only 1D-RoPE without the patch rotation stays at chance on `left` in every seed.
 
 --pipeline=True: per seed, the toy llm stage runs once (text only: the same for every setting). Then per setting,
 pretrain -> midtrain -> sft from it with train.py, at --iters_scale of the default's steps, the probe families
