@@ -5,7 +5,7 @@ cells, scored on held-out prompts every 50 steps; 3 seeds per setting, learning 
 
     python ablate.py                     # 6 settings x 3 seeds x 2 questions x 400 steps: out/ablation/probe.*
     python ablate.py --tasks=yesno_lr --settings=0 --seeds=1 --steps=1000   # the hard form (EXPERIMENTS.md)
-    python ablate.py --tasks=left,higher --together=True   # one model on both questions: it learns neither
+    python ablate.py --tasks=left,higher --together=True   # one model on both: ~4x the steps
     python ablate.py --steps=2 --seeds=1 --eval_samples=4 --eval_every=1    # a smoke test (seconds)
     python ablate.py --pipeline=True     # the older ablation: every setting through the whole toy pipeline (75 min)
 
@@ -213,8 +213,8 @@ def probe_main(argv):
     root, t0 = opts["out_dir"], time.perf_counter()
     os.makedirs(root, exist_ok=True)
     seeds = [1337 + k for k in range(opts["seeds"])]
-    # one model per task: a ~1M model asked two questions must condition on the words, which it does not learn
-    # in this budget (EXPERIMENTS.md, section 'The position probe'); --together=True trains one on all of them
+    # one model per task: a ~1M model asked two questions must also read which one, and needs ~4x the steps
+    # (EXPERIMENTS.md, section 'The position probe'); --together=True trains one on all of them
     groups = [tasks] if opts["together"] else [[t] for t in tasks]
     jobs = [(name, over, s, opts, g) for g in groups for s in seeds for name, over in settings]
     print(f"ablate: the position probe, tasks {', '.join(tasks)}: {len(jobs)} models ({len(settings)} settings x "

@@ -474,9 +474,9 @@ GENERATORS.update(where=gen_where, lr_far=lambda rng: gen_far(rng, "lr"), ab_far
                   move=gen_move, color_big=gen_color_big)
 
 # The position probe (ablate.py): from scratch, one model per question, canvases of 2-8 x 2-8 cells. "left" and
-# "higher" (one direction each: find the extreme shape) are learnt in a few hundred steps; a model asked both
-# directions, both axes or the yes/no form must also condition on the question's words, which it does not learn at
-# this budget (EXPERIMENTS.md, section 'The position probe').
+# "higher" (one direction each: find the extreme shape) are learnt in a few hundred steps; a model asked both must
+# also read which one (~4x the steps), and the yes/no form needs a comparison of two named shapes, not learnt in
+# 1,000 steps (EXPERIMENTS.md, section 'The position probe').
 POSITION_PROBES = {"left": (lambda rng: gen_far(rng, "lr", pick=True, wide=True, far=0), SHAPES),
                    "higher": (lambda rng: gen_far(rng, "ab", pick=True, wide=True, far=0), SHAPES),
                    "pick_lr": (lambda rng: gen_far(rng, "lr", pick=True, wide=True), SHAPES),
