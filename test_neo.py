@@ -19,7 +19,7 @@ from neo import (HW_NAMES, IGNORE_INDEX, NEO, NEOConfig, attention, attention_ma
 
 
 def test_parity_with_authors_logits():
-    """from_pretrained on the authors' tiny NEO reproduces the logits their code computed (<= 1e-4)."""
+    """from_pretrained on the authors' tiny NEO (assets/neo_official_tiny) reproduces their logits (<= 1e-4)."""
     model = NEO.from_pretrained(FIXTURE).eval()
     case = torch.load(os.path.join(FIXTURE, "case.pt"), weights_only=True)
     with torch.no_grad():
