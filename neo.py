@@ -566,10 +566,8 @@ class NEO(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (fwd + bwd): 6 per weight in a matmul, plus attention: per layer and
         head 2*L*(2D) for q.k and 2*L*D for att.v forward, times 3 for fwd+bwd (PaLM App. B style)."""
-        cfg = self.cfg
-        n = self.num_params() - self.embed_tokens.weight.numel()
-        if cfg.tie_word_embeddings:
-            n += self.lm_head.weight.numel()  # the tied matrix is still a matmul at the head
+        cfg = self.cfg  # the embedding is a lookup, not a matmul; tied, it is the head's matmul, counted once
+        n = self.num_params() - (0 if cfg.tie_word_embeddings else self.embed_tokens.weight.numel())
         qk = 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim
         return 6 * n + 3 * cfg.n_layer_total * cfg.n_head * 2 * seq_len * (qk + cfg.head_dim)
 
