@@ -292,7 +292,7 @@ def attention(q, k, v, mask, scale):
             from torch.nn.attention.flex_attention import flex_attention
             _flex_attention = torch.compile(flex_attention, dynamic=False)
         return _flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    if q.device.type == "cpu" and (mask is None or q.requires_grad):  # decoding, or training: few ops
+    if q.device.type == "cpu" and (mask is None or q.requires_grad or q.shape[2] == 1):  # decoding, training: few ops
         return attention_math(q, k, v, mask, scale)
     if q.device.type == "cpu":  # a masked prefill: SDPA's fused kernel (2x the math path for a photo's 1,300
         # tokens, bf16) needs v as wide as q and k, so v gets zero channels that the output then drops
@@ -400,7 +400,8 @@ HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_nor
 
 class KVCache:
     """Preallocated per-layer k/v buffers, and two counters that Native-RoPE makes differ: `length` (tokens cached)
-    and `next_t` (the next token's T index: an image of any size uses one t, so next_t < length after one)."""
+    and `next_t` (the next token's T index: an image of any size uses one t, so next_t < length after one).
+    valid: which cached slots a new token may see, when prompts of different lengths were left-padded."""
 
     def __init__(self, cfg, B, T, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, T, 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim,
@@ -408,6 +409,7 @@ class KVCache:
         self.v = [torch.zeros(B, cfg.n_kv_head, T, cfg.head_dim, device=device, dtype=dtype)
                   for _ in range(cfg.n_layer_total)]
         self.length, self.layer, self.next_t = 0, 0, None
+        self.valid = None  # (B, T) bool, False at a batch's left padding (generate's pad_mask); None: no padding
 
     def update(self, k, v):
         start, end, kc, vc = self.length, self.length + k.shape[2], self.k[self.layer], self.v[self.layer]
@@ -480,14 +482,17 @@ class NEO(nn.Module):
             assert L == 1, "decode one token at a time"
             pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
             pos[0] = cache.next_t[:, None]
-            mask = None  # one new token may see the whole cache
+            mask = None  # one new token may see the whole cache (but a padded batch's padding)
+            if cache.valid is not None:
+                cache.valid[:, cache.length] = True
+                mask = cache.valid[:, None, None, :cache.length + 1]   # (B, 1, 1, S)
         else:  # the mixed mask of section 3 above (a FlexAttention BlockMask for long packs on CUDA)
             pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
             docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
             mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
         if cache is not None:
-            cache.next_t = pos[0].max(1).values + 1
+            cache.next_t = pos[0][:, -1] + 1  # the last token's t + 1 (left padding: the prompt's t restarts at 0)
         x = self.embed(input_ids, images)
         rope = self.rope_tables(pos, x.dtype)
         for block in [*self.pre_buffer, *self.post_llm]:  # the new Pre-Buffer, then the pretrained Qwen3 layers
@@ -511,18 +516,27 @@ class NEO(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                        eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0):
+                        eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0,
+                        pad_mask=None):
         """Yield new token ids one at a time (ints if B = 1, else (B,) tensors): prefill once with the mixed mask, then
         decode through a preallocated KV cache; use_cache=False re-runs the whole sequence each step (the tests'
-        reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next."""
+        reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
+        pad_mask (B, L) bool: True at left padding, for prompts of different lengths generated together. The padding
+        is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone."""
         B, L = input_ids.shape
+        assert pad_mask is None or (use_cache and repetition_penalty == 1.0), "padding: use_cache, no penalty"
+        doc_ids = None if pad_mask is None else (~pad_mask).long()  # (B, L): 0 = padding, 1 = the prompt
         # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too)
         seen = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
         cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)), input_ids.device,
                         next(self.parameters()).dtype) if use_cache else None
+        if pad_mask is not None:
+            cache.valid = torch.zeros(cache.k[0].shape[0], cache.k[0].shape[2], dtype=torch.bool,
+                                      device=input_ids.device)
+            cache.valid[:, :L] = ~pad_mask
         seq = input_ids
-        logits, _ = self(seq, images, cache=cache, last_only=True)
+        logits, _ = self(seq, images, doc_ids=doc_ids, cache=cache, last_only=True)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):

@@ -217,6 +217,26 @@ def test_cached_generation_equals_uncached():
     assert len(set(a[0].tolist())) > 1  # not a degenerate constant stream
 
 
+def test_padded_batch_generation_equals_one_at_a_time():
+    """Three prompts of different lengths (one image, two images, none) left-padded into one batch: each row's
+    greedy tokens equal the prompt generated alone. Without pad_mask the padding shifts t and is attended to."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg).eval()
+    for p in model.parameters():  # sharper logits, so the greedy path is not decided by rounding
+        p.data.mul_(5.0) if p.dim() > 1 else None
+    prompts = [([1, 2] + span(cfg, 2, 3) + [3, 4], [torch.randn(3, 64, 96)]),
+               ([5] + span(cfg, 1, 1) + span(cfg, 2, 1) + [6, 7, 8, 9], [torch.randn(3, 32, 32), torch.randn(3, 64, 32)]),
+               ([10, 11, 12], [])]
+    alone = [model.generate(torch.tensor([ids]), imgs, max_new_tokens=8)[0].tolist() for ids, imgs in prompts]
+    L = max(len(ids) for ids, _ in prompts)
+    x = torch.tensor([[0] * (L - len(ids)) + ids for ids, _ in prompts])          # left padding with id 0
+    pad = torch.tensor([[True] * (L - len(ids)) + [False] * len(ids) for ids, _ in prompts])
+    imgs = [im for _, ims in prompts for im in ims]                              # row by row, in prompt order
+    assert model.generate(x, imgs, max_new_tokens=8, pad_mask=pad).tolist() == alone
+    assert model.generate(x, imgs, max_new_tokens=8).tolist() != alone          # the padding matters
+
+
 def test_generation_never_emits_vocab_padding():
     """The toy pads its 545-id tokenizer to 576 ids: with vocab_limit, generation never emits a padding id (the
     tokenizer could not decode it), even when those are the likeliest, greedy or sampled at any temperature."""
