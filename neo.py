@@ -524,10 +524,12 @@ class NEO(nn.Module):
         pad_mask (B, L) bool: True at left padding, for prompts of different lengths generated together. The padding
         is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone."""
         B, L = input_ids.shape
-        assert pad_mask is None or (use_cache and repetition_penalty == 1.0), "padding: use_cache, no penalty"
+        assert pad_mask is None or use_cache, "a padded batch needs the cache"
         doc_ids = None if pad_mask is None else (~pad_mask).long()  # (B, L): 0 = padding, 1 = the prompt
-        # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too)
-        seen = torch.cat((input_ids, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
+        # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too);
+        # padding counts as the prompt's last id, already seen
+        seen = input_ids if pad_mask is None else torch.where(pad_mask, input_ids[:, -1:], input_ids)
+        seen = torch.cat((seen, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
         cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)), input_ids.device,
                         next(self.parameters()).dtype) if use_cache else None

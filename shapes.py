@@ -6,6 +6,7 @@ plain grey background, 1-4 large solid outlined shapes in 4 very distinct colour
 scores at chance; score() is the exact-match scorer. Sample i of (stage, split, seed) is always the same sample.
 
     python shapes.py                  # writes one example per family (images + prompts) to shapes_examples/
+    python shapes.py --tsv=ShapesWorld.tsv   # the held-out questions as a benchmark TSV, for eval.py
     python -m pytest -q test_data.py  # ShapesWorld's tests are there, with the pipeline's
 
     w = ShapesWorld("midtrain"); w.example(0)   # PIL images + question/answer turns; w[0] is the encoded sample
@@ -591,5 +592,42 @@ def main(out="shapes_examples", n=1):
     print(f"wrote {len(lines)} examples to {out}/")
 
 
+# the families a benchmark row can hold: one question about one or two images (no video, no multi-turn)
+TSV_FAMILIES = IMAGE_FAMILIES + ("multi_count", "multi_change")
+
+
+def export_tsv(path, n=40):
+    """The held-out prompts train.py's evaluation scores (n per family) as a benchmark TSV in VLMEvalKit's layout,
+    for eval.py: index, image (base64 PNG; two images as a list), question (its <image> placeholders dropped:
+    eval.py puts the images first, as the toy trained), answer, category (the family)."""
+    import base64
+    import csv
+    import io
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+    w = ShapesWorld("sft", "val")
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f, delimiter="\t")
+        out.writerow(["index", "image", "question", "answer", "category"])
+        for k, fam in enumerate(TSV_FAMILIES):
+            for i in range(n):
+                ex = w.example(i, fam)
+                (q, a), = ex["turns"]
+                imgs = [b64(im) for im in ex["images"]]
+                out.writerow([k * 10_000 + i, imgs[0] if len(imgs) == 1 else repr(imgs), q.replace("<image>", ""), a,
+                              fam])
+    print(f"wrote {path}: {n} held-out questions for each of {len(TSV_FAMILIES)} families")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    if len(opts) != len(sys.argv) - 1 or not set(opts) <= {"tsv", "n"} or not opts.get("n", "1").isdigit():
+        sys.exit("usage: python shapes.py  (examples to shapes_examples/)  |  python shapes.py --tsv=FILE.tsv [--n=40]")
+    if "tsv" in opts:
+        export_tsv(opts["tsv"], int(opts.get("n", 40)))
+    else:
+        main()
