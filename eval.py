@@ -198,8 +198,11 @@ def build_row(row, name, preset, s, enc, imgs):
     lo, hi, upscale = pixel_budget(name, preset, s)
     if upscale and imgs:  # load_image_native(upscale=True): the first image twice its size, bilinear
         imgs = [imgs[0].resize((imgs[0].width * 2, imgs[0].height * 2), Image.BILINEAR)] + imgs[1:]
-    tensors = [data.to_tensor(im, lo, hi) for im in imgs]
-    msgs = sample.build_messages(question_text(row, name, preset), len(tensors), None, None, preset, s["system"])
+    tensors, q = [data.to_tensor(im, lo, hi) for im in imgs], question_text(row, name, preset)
+    if preset == "neo-ov" and len(tensors) > 1:  # its reorganize_prompt keeps the message's order: text, then images
+        msgs = ([("system", s["system"])] if s["system"] else []) + [("user", q + "<image>\n" * len(tensors))]
+    else:  # reorganize_prompt: one image "<image>\n" first; NEO 1.0 numbers several ("Image-1: <image>\n...")
+        msgs = sample.build_messages(q, len(tensors), None, None, preset, s["system"])
     return data.build_prompt(enc, msgs, tensors)
 
 

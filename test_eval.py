@@ -107,6 +107,13 @@ def test_dry_run_prints_the_authors_prompt_and_pixel_rules(w, tmp_path, capsys):
         "### 1\n" + chat.format(one + "\nQ?" + choose) + "\n"
         "### 2\n" + chat.format(f"Image-1: {one}\nImage-2: {one}\nWhich?" + choose) + "\n"
         "### 3\n" + chat.format(one + "\nAgain?" + choose) + "\n")
+    # NEO-ov (VLMEvalKit_ov reorganize_prompt): its system turn, and several images after the text, unnumbered
+    ev.main(["--data", str(tmp_path / "MMBench_DEV_EN.tsv"), "--init_from", str(w / "neo1"), "--dry_run",
+             "--preset=neo-ov", "--limit=2"])
+    system = "<|im_start|>system\nReason step by step.<|im_end|>\n"
+    assert capsys.readouterr().out == (
+        "### 1\n" + system + chat.format(one + "\nQ?" + choose) + "\n"
+        "### 2\n" + system + chat.format("Which?" + choose + f"{one}\n{one}\n") + "\n")
     ocr = [{"index": "1", "image": small, "question": "Text?", "answer": "a"}]
     ev.main(["--data", write_tsv(tmp_path / "OCRBench.tsv", ocr), "--init_from", str(w / "neo1"), "--dry_run"])
     assert capsys.readouterr().out == "### 1\n" + chat.format(tok.format(n=64, r=8) + "\nText?\nAnswer the question "
