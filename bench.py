@@ -9,6 +9,7 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
                                        # and sample.py on it (needs ~12 GB RAM and 6 GB free disk in --tmp)
     python bench.py --only=video       # data.load_video on a 10 s and a 20 min 320x240 30 fps mp4 and webm (PyAV,
                                        # written to --tmp): 8 frames, time and peak RSS
+    python bench.py --only=eval        # eval.py rows/s: the toy (out/final) by batch size; NEO-2B-shaped s per row
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
@@ -16,6 +17,8 @@ Each train.py --bench=True there runs train_speed below: one configuration's tra
 --dtype=auto on a CPU runs choose_cpu_dtype below.
 """
 import argparse
+import base64
+import io
 import os
 import re
 import subprocess
@@ -25,6 +28,7 @@ import time
 from dataclasses import replace
 
 import torch
+from PIL import Image
 
 import train
 from common import CoreShare, autocast, compile_layers, peak_flops, print0, probe_cpu
@@ -358,16 +362,52 @@ def video_part(tmp, repeats):
         print(f"(decoding all 36,000 frames of the 20 min mp4, for comparison: {float(t):.1f} s, {rss} MiB)")
 
 
+def rows_per_s(out):
+    return float(re.search(r"\(([\d.]+) rows/s\)", out).group(1))
+
+
+def eval_part(tmp, repeats):
+    print("\n## eval.py: the toy (out/final) on ShapesWorld's TSV (200 held-out rows), by batch size; a NEO-2B-shaped "
+          "folder (random bf16 weights) on 20 MMBench-style rows, one at a time, --max_new_tokens=8")
+    with tempfile.TemporaryDirectory(prefix="eval_", dir=tmp, ignore_cleanup_errors=True) as folder:
+        tsv = os.path.join(folder, "ShapesWorld.tsv")
+        python(["shapes.py", f"--tsv={tsv}", "--n=20"])
+        if os.path.isdir(os.path.join(HERE, "out", "final")):
+            print("| batch | rows/s | accuracy % |\n|---|---|---|")
+            for bs in (1, 8, 32):
+                outs = [python(["eval.py", f"--data={tsv}", "--init_from=out/final", f"--batch_size={bs}",
+                                f"--results={folder}/toy{bs}_{k}"]) for k in range(repeats)]
+                acc = re.search(r"\*\*overall\*\* \| \d+ \| ([\d.]+)", outs[0]).group(1)
+                print(f"| {bs} | {spread([rows_per_s(o) for o in outs], '{:.1f}')} | {acc} |")
+        else:
+            print("(no out/final here: `python train.py` first for the toy's figures)")
+        neo2b = os.path.join(folder, "neo2b")
+        os.makedirs(neo2b)
+        python(["-c", SAVE, neo2b])
+        rng, rows = torch.Generator().manual_seed(0), []
+        for i in range(20):  # photo-sized noise, 4:3 and 3:4: NEO 1.0 takes each to 1,280-4,096 tokens
+            im = (torch.rand(3, 480, 640, generator=rng) * 255).byte().permute(1, 2, 0).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(im if i % 2 else im.transpose(1, 0, 2).copy()).save(buf, "JPEG")
+            rows.append(f"{i}\t{base64.b64encode(buf.getvalue()).decode()}\tWhat is shown?\tcat\tdog\tA")
+        with open(os.path.join(folder, "MMBench_DEV_EN.tsv"), "w") as f:
+            f.write("index\timage\tquestion\tA\tB\tanswer\n" + "\n".join(rows) + "\n")
+        out = python(["eval.py", f"--data={folder}/MMBench_DEV_EN.tsv", f"--init_from={neo2b}", "--batch_size=1",
+                      "--max_new_tokens=8", f"--results={folder}/neo2b_out"], timeout=7200)
+        print(f"NEO-2B-shaped, 20 rows: {1 / rows_per_s(out):.1f} s per row")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b, video")
+    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b, video, eval")
     p.add_argument("--repeats", type=int, default=1, help="runs of every setting (default 1)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder and videos are written")
     a = p.parse_args()
     parts = {"train": lambda: train_part(a.repeats), "decode": lambda: decode_part(a.repeats),
-             "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats)}
+             "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats),
+             "eval": lambda: eval_part(a.tmp, a.repeats)}
     if (bad := set(a.only.split(",")) - set(parts)) or a.repeats < 1:
-        sys.exit(f"bench.py: --only takes train, decode, neo2b, video (got {', '.join(sorted(bad))}); --repeats >= 1")
+        sys.exit(f"bench.py: --only takes train, decode, neo2b, video, eval (got {', '.join(sorted(bad))}); --repeats >= 1")
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
     t0 = time.perf_counter()
