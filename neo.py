@@ -345,8 +345,9 @@ class Attention(nn.Module):
         self.q_norm_h, self.q_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
         self.k_norm_h, self.k_norm_w = RMSNorm(D // 2, cfg.rms_norm_eps), RMSNorm(D // 2, cfg.rms_norm_eps)
         self.keep_attn, self.last_attn = False, None
+        self.layer_idx = 0  # this layer's slot in a KVCache (NEO.__init__ numbers the layers)
 
-    def forward(self, x, rope, mask, cache=None):
+    def forward(self, x, rope, mask, cache=None, index=None):
         B, L, _ = x.shape
         nh, nkv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q = self.q_norm(self.q_proj(x).view(B, L, nh, D))    # (B, L, nh, D): the LLM's own T channels
@@ -360,7 +361,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)    # T by t (base 1e6), H by h and W by w (base 1e4)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, ch)
         if cache is not None:
-            k, v = cache.update(k, v)                       # (B, nkv, S, ch): the whole cache so far
+            k, v = cache.update(self.layer_idx, k, v, index)  # (B, nkv, S, ch): the cache so far
         # the logit is q_t.k_t + q_h.k_h + q_w.k_w, scaled by 1/sqrt(D) (not 1/sqrt(2D)), as the authors do
         y = attention(q, k, v, mask, scale=1.0 / math.sqrt(D))   # (B, nh, L, D)
         if self.keep_attn:  # sample.py --show_attention sets this to read the attention map
@@ -387,8 +388,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(self, x, rope, mask, cache=None, index=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -399,25 +400,33 @@ HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_nor
 
 
 class KVCache:
-    """Preallocated per-layer k/v buffers, and two counters that Native-RoPE makes differ: `length` (tokens cached)
-    and `next_t` (the next token's T index: an image of any size uses one t, so next_t < length after one).
-    valid: which cached slots a new token may see, when prompts of different lengths were left-padded."""
+    """Static per-layer k/v buffers (B, heads, T, ch), allocated once and updated in place (gpt-fast's pattern), and
+    two counters that Native-RoPE makes differ: `length` (tokens cached) and `next_t` (B,) (the next token's T index:
+    an image of any size uses one t, so next_t < length after one). valid (B, T): the slots a new token may see
+    (False at the left padding of prompts of different lengths). upto: how many slots a decode step reads (eager:
+    the ones written; None: all T, fixed shapes for a compiled step, the mask hiding the empty ones)."""
 
     def __init__(self, cfg, B, T, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, T, 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim,
                               device=device, dtype=dtype) for _ in range(cfg.n_layer_total)]
         self.v = [torch.zeros(B, cfg.n_kv_head, T, cfg.head_dim, device=device, dtype=dtype)
                   for _ in range(cfg.n_layer_total)]
-        self.length, self.layer, self.next_t = 0, 0, None
-        self.valid = None  # (B, T) bool, False at a batch's left padding (generate's pad_mask); None: no padding
+        self.valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        self.slots = torch.arange(T, device=device)
+        self.length, self.next_t, self.upto = 0, None, None
 
-    def update(self, k, v):
-        start, end, kc, vc = self.length, self.length + k.shape[2], self.k[self.layer], self.v[self.layer]
+    def update(self, i, k, v, index=None):
+        """Layer i's new k, v (B, nkv, L, ch) -> what attention reads. A prompt (index None) is written after what is
+        cached; a decode step writes its one token at slot `index`, a (1,) tensor, so a compiled step never changes."""
+        kc, vc = self.k[i], self.v[i]
+        if index is not None:
+            kc[:, :, index], vc[:, :, index] = k, v
+            return kc[:, :, :self.upto], vc[:, :, :self.upto]
+        start, end = self.length, self.length + k.shape[2]
         assert end <= kc.shape[2], "KV cache full: raise max_seq_len"
         kc[:, :, start:end], vc[:, :, start:end] = k, v
-        self.layer += 1
-        if self.layer == len(self.k):  # advance after the last layer
-            self.layer, self.length = 0, end
+        if i == len(self.k) - 1:  # advance after the last layer
+            self.length = end
         return kc[:, :, :end], vc[:, :, :end]
 
 
@@ -434,6 +443,9 @@ class NEO(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # train.py turns this on at full scale
+        for i, block in enumerate([*self.pre_buffer, *self.post_llm]):
+            block.self_attn.layer_idx = i
+        self.compiled_decode = None  # decode_step compiled on first use (generate(compile=True))
         if not self.lm_head.weight.is_meta:  # checkpoint.load builds on the meta device and fills in weights
             self.init_weights()
 
@@ -478,19 +490,18 @@ class NEO(nn.Module):
                 f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
         assert doc_ids is None or doc_ids.shape == input_ids.shape, "doc_ids must have the shape of input_ids"
         grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
-        if cache is not None and cache.length > 0:  # decoding text after the prompt: t continues, h = w = 0
+        if cache is not None and cache.length > 0:  # one token after the prompt: decode_step, then advance
             assert L == 1, "decode one token at a time"
-            pos = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
-            pos[0] = cache.next_t[:, None]
-            mask = None  # one new token may see the whole cache (but a padded batch's padding)
-            if cache.valid is not None:
-                cache.valid[:, cache.length] = True
-                mask = cache.valid[:, None, None, :cache.length + 1]   # (B, 1, 1, S)
-        else:  # the mixed mask of section 3 above (a FlexAttention BlockMask for long packs on CUDA)
-            pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
-            docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
-            use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
-            mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
+            index = torch.full((1,), cache.length, device=input_ids.device)
+            cache.upto = cache.length + 1
+            logits = self.decode_step(input_ids, cache.next_t, index, cache)
+            cache.next_t, cache.length = cache.next_t + 1, cache.length + 1
+            return logits[:, None], None
+        # the prompt, with the mixed mask of section 3 above (a FlexAttention BlockMask for long packs on CUDA)
+        pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
+        docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+        use_flex = cfg.attn == "flex" or (cfg.attn == "auto" and input_ids.is_cuda and L >= 1024)
+        mask = (build_block_mask if use_flex else build_attention_mask)(docs, img_id, cfg.mask == "mixed")
         if cache is not None:
             cache.next_t = pos[0][:, -1] + 1  # the last token's t + 1 (left padding: the prompt's t restarts at 0)
         x = self.embed(input_ids, images)
@@ -509,6 +520,18 @@ class NEO(nn.Module):
         w = (targets != IGNORE_INDEX if loss_weights is None else loss_weights).reshape(-1).float()
         return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # sum(w * CE) / sum(w), w: data.collate's
 
+    def decode_step(self, tok, t, index, cache):
+        """One new token per row after the prompt: tok (B, 1) at T index t (B,) (h = w = 0, as text), written to cache
+        slot index (1,) -> next-token logits (B, V). Tensors in, tensors out: compiled once, it runs every step."""
+        B = tok.shape[0]
+        pos = torch.stack((t[:, None], torch.zeros_like(tok), torch.zeros_like(tok)))   # (3, B, 1)
+        mask = (cache.valid & (cache.slots <= index))[:, None, None, :cache.upto]        # (B, 1, 1, S): itself and before
+        x = self.embed_tokens(tok)
+        rope = self.rope_tables(pos, x.dtype)
+        for block in [*self.pre_buffer, *self.post_llm]:
+            x = block(x, rope, mask, cache, index)
+        return self.lm_head(self.norm(x)).view(B, -1)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -517,35 +540,42 @@ class NEO(nn.Module):
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, max_new_tokens=64, temperature=0.0, top_k=None,
                         eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0,
-                        pad_mask=None):
+                        pad_mask=None, compile=False):
         """Yield new token ids one at a time (ints if B = 1, else (B,) tensors): prefill once with the mixed mask, then
-        decode through a preallocated KV cache; use_cache=False re-runs the whole sequence each step (the tests'
-        reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
+        one decode_step per token through the static KV cache; use_cache=False re-runs the whole sequence each step
+        (the tests' reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
         pad_mask (B, L) bool: True at left padding, for prompts of different lengths generated together. The padding
-        is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone."""
+        is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone.
+        compile=True: decode_step through torch.compile, on a cache of max_seq_len slots so that its shapes never
+        change; the first call compiles (tens of seconds on a CPU), so it pays for many tokens or rows (eval.py)."""
         B, L = input_ids.shape
+        dev = input_ids.device
         assert pad_mask is None or use_cache, "a padded batch needs the cache"
         doc_ids = None if pad_mask is None else (~pad_mask).long()  # (B, L): 0 = padding, 1 = the prompt
         # every id so far, prompt included, for the repetition penalty (Hugging Face penalises the prompt too);
         # padding counts as the prompt's last id, already seen
         seen = input_ids if pad_mask is None else torch.where(pad_mask, input_ids[:, -1:], input_ids)
         seen = torch.cat((seen, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
-        cache = KVCache(self.cfg, B, min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1)), input_ids.device,
-                        next(self.parameters()).dtype) if use_cache else None
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        T = max(self.cfg.max_seq_len, L + 1) if compile else min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1))
+        cache = KVCache(self.cfg, B, T, dev, next(self.parameters()).dtype) if use_cache else None
         if pad_mask is not None:
-            cache.valid = torch.zeros(cache.k[0].shape[0], cache.k[0].shape[2], dtype=torch.bool,
-                                      device=input_ids.device)
             cache.valid[:, :L] = ~pad_mask
-        seq = input_ids
-        logits, _ = self(seq, images, doc_ids=doc_ids, cache=cache, last_only=True)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, images, doc_ids=doc_ids, cache=cache, last_only=True)[0][:, -1]   # (B, V)
+        if use_cache:
+            step = self.decode_step
+            if compile:
+                if self.compiled_decode is None:
+                    self.compiled_decode = torch.compile(self.decode_step, dynamic=False)
+                step = self.compiled_decode
+            index, t = torch.full((1,), L, device=dev), cache.next_t   # the new token's cache slot and T index
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
         no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):
-            logits[:, -1, no_img] = float("-inf")  # never emit an image span: there is no image to put in it
+            logits[:, no_img] = float("-inf")  # never emit an image span: there is no image to put in it
             if vocab_limit:  # nor an id past the tokenizer (the vocabulary's padding): it cannot be decoded
-                logits[:, -1, vocab_limit:] = float("-inf")
-            nxt = sample_next(logits[:, -1], temperature, top_k, gen, top_p, repetition_penalty,
+                logits[:, vocab_limit:] = float("-inf")
+            nxt = sample_next(logits, temperature, top_k, gen, top_p, repetition_penalty,
                               None if seen is None else seen[:, :L + i])  # (B,)
             if seen is not None:
                 seen[:, L + i] = nxt
@@ -554,11 +584,15 @@ class NEO(nn.Module):
                 done |= nxt == eos_id
                 if bool(done.all()):
                     return
-            if i == max_new_tokens - 1 or (use_cache and cache.length + 1 > cache.k[0].shape[2]):
+            if i == max_new_tokens - 1 or (use_cache and L + i + 1 > T):
                 return
-            # cached: the new token alone (the cache holds the rest, images included); else the whole sequence
-            seq = nxt[:, None] if use_cache else torch.cat((seq, nxt[:, None]), dim=1)
-            logits, _ = self(seq, None if use_cache else images, cache=cache, last_only=True)
+            if use_cache:  # the new token alone: the cache holds the rest, images included
+                cache.upto = None if compile else L + i + 1   # eager: read only the slots written so far
+                logits = step(nxt[:, None], t, index, cache)
+                index, t, cache.length = index + 1, t + 1, cache.length + 1
+            else:
+                input_ids = torch.cat((input_ids, nxt[:, None]), dim=1)
+                logits = self(input_ids, images, last_only=True)[0][:, -1]
 
     def generate(self, input_ids, images=None, **kw):
         """-> (B, n_new) new token ids (stops early once every row has produced eos_id); kw: generate_stream's."""

@@ -217,6 +217,34 @@ def test_cached_generation_equals_uncached():
     assert len(set(a[0].tolist())) > 1  # not a degenerate constant stream
 
 
+def test_compiled_decode_equals_eager():
+    """generate(compile=True) runs decode_step through torch.compile on a cache of max_seq_len slots (the whole
+    buffer read, the mask hiding the empty slots): the same greedy tokens as eager, for a padded batch."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(max_seq_len=64)
+    model = NEO(cfg).eval()
+    for p in model.parameters():  # sharper logits, so the greedy path is not decided by rounding
+        p.data.mul_(5.0) if p.dim() > 1 else None
+    ids = torch.tensor([[1, 2] + span(cfg, 2, 3) + [3, 4], [0] * 6 + span(cfg, 1, 2) + [5, 6]])
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    pad[1, :6] = True
+    imgs = [torch.randn(3, 64, 96), torch.randn(3, 32, 64)]
+    eager = model.generate(ids, imgs, max_new_tokens=10, pad_mask=pad)
+    assert model.generate(ids, imgs, max_new_tokens=10, pad_mask=pad, compile=True).tolist() == eager.tolist()
+    assert len(set(eager[0].tolist())) > 1  # not a degenerate constant stream
+
+
+class Head(torch.nn.Module):
+    """Stands in for a model's lm_head: the tests' own logits, the same in the prompt and every decode step."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
 def test_padded_batch_generation_equals_one_at_a_time():
     """Three prompts of different lengths (one image, two images, none) left-padded into one batch: each row's
     greedy tokens equal the prompt generated alone. Without pad_mask the padding shifts t and is attended to."""
@@ -242,12 +270,8 @@ def test_generation_never_emits_vocab_padding():
     tokenizer could not decode it), even when those are the likeliest, greedy or sampled at any temperature."""
     torch.manual_seed(0)
     model = NEO(tiny_cfg()).eval()
-    forward = model.forward
-
-    def padding_wins(*a, **k):  # every padding id far likelier than any real one
-        logits, loss = forward(*a, **k)
-        return logits.index_fill(-1, torch.arange(545, 576), 1e4), loss
-    model.forward = padding_wins
+    head = model.lm_head
+    model.lm_head = Head(lambda x: head(x).index_fill(-1, torch.arange(545, 576), 1e4))  # padding far likelier
     ids = torch.tensor([[1, 2, 3]])
     assert (model.generate(ids, max_new_tokens=4) >= 545).all()  # the case being guarded against
     for t in (0.0, 1.0, 1e-45):
@@ -277,14 +301,12 @@ def test_generate_penalises_prompt_and_answer_ids():
     8, penalty 2, prompt [1, 7, 3]: 7 -> 1.5 so 8 comes first; then 8 -> 1, and 7 (1.5) wins from then on."""
     torch.manual_seed(0)
     model = NEO(tiny_cfg()).eval()
-    forward = model.forward
 
-    def fixed(*a, **k):
-        logits, loss = forward(*a, **k)
-        out = torch.zeros_like(logits)
+    def fixed(x):  # the head's logits, at every position and step
+        out = x.new_zeros(*x.shape[:-1], model.cfg.vocab_size)
         out[..., 7], out[..., 8] = 3.0, 2.0
-        return out, loss
-    model.forward = fixed
+        return out
+    model.lm_head = Head(fixed)
     ids = torch.tensor([[1, 7, 3]])
     assert model.generate(ids, max_new_tokens=4).tolist() == [[7, 7, 7, 7]]
     assert model.generate(ids, max_new_tokens=4, repetition_penalty=2.0).tolist() == [[8, 7, 7, 7]]
