@@ -560,10 +560,16 @@ def test_expected_errors_are_one_line(tmp_path):
     before anything runs), a missing --data file, a ckpt.pt of another stage or truncated, a full disk."""
     for bad in (["--learning_rate=-1"], ["--threads=-1"], ["--grad_clip=0"], ["--beta2=1"], ["--seed=-1"],
                 ["--min_lr_ratio=2"], ["--learning_rate=nan"], ["--max_iters=-5"], ["--eval_batch=0"],
-                ["--n_head=3"], ["--device=gpu"], ["--data=nowhere.jsonl"], ["--data="], ["--init_from=nowhere"]):
+                ["--n_head=3"], ["--device=gpu"], ["--data=nowhere.jsonl"], ["--data="], ["--init_from=nowhere"],
+                ["--min_pixels=1000"], ["--max_pixels=20000000"], ["--min_pixels=8192", "--max_pixels=4096"],
+                ["--recipe=script", "--model=neo-2b"], ["--recipe=scripts"], ["--max_seq_len=0"]):
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
     assert "--learning_rate must be >= 0" in one_line_error(run(["--learning_rate=-1"], check=False), 2)
+    # a --min_pixels over the model's own max_pixels (the toy's 65536) is found once the model is loaded
+    line = one_line_error(run(TINY + ["--stage=llm", "--min_pixels=100000", f"--out_dir={tmp_path / 'px'}"],
+                              check=False), 2)
+    assert "min_pixels 100000 is over max_pixels 65536" in line, line
     assert "no such file" in one_line_error(run(["--stage=sft", "--data="], check=False), 2)
     out = str(tmp_path / "o")
     common = TINY + ["--max_iters=2", f"--out_dir={out}"]
