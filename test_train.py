@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -229,6 +230,11 @@ def test_pixel_flags_reach_the_loader_and_the_saved_config(tmp_path, neo_folder)
                 f"--data={p}", f"--image_root={tmp_path}", f"--init_from={neo_folder}", f"--out_dir={out}"])
     vision = json.load(open(out / "sft" / "config.json"))["vision_config"]
     assert (vision["min_pixels"], vision["max_pixels"]) == (16384, 65536)
+    import sample  # which sample.py, with no pixel flags, reads back for the folder train.py wrote
+    no_flags = types.SimpleNamespace(min_pixels=None, max_pixels=None, **dict.fromkeys(sample.DECODING))
+    enc, ours = sample.load_tokenizer(str(out / "sft"))
+    name = sample.choose_preset("auto", ours, str(out / "sft"))
+    assert sample.settings(name, no_flags, NEO.from_pretrained(out / "sft").cfg)["image_pixels"] == (16384, 65536)
     own = NEO.from_pretrained(neo_folder).cfg  # no flags: the starting folder's own budget (the toy's 4096-65536)
     cfg = train.parse_config(TINY)
     assert train.stage_pixels(cfg, "sft", own) == (own.min_pixels, own.max_pixels) == (64 * 64, 256 * 256)
