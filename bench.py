@@ -77,6 +77,7 @@ def random_model(cfg, device, n_batches, seed):
     with torch.device(device):  # made on the device (NEO-2B: no 9 GB detour through the CPU)
         model = NEO(NEOConfig.preset(cfg.model, **model_overrides(cfg), **ids))
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    model.cfg.min_pixels, model.cfg.max_pixels = train.stage_pixels(cfg, "midtrain", model.cfg)
     model.grad_checkpointing = cfg.grad_checkpointing
     set_trainable(model, "midtrain")
     opt = train.configure_optimizers(model, cfg.weight_decay, 1e-4, (cfg.beta1, cfg.beta2))

@@ -72,13 +72,23 @@ def check_config(cfg, stages, recipe):
             raise ConfigError(f"--{k} must be a finite number, got {v}")
     at_least = lambda lo, *keys: [(k, getattr(cfg, k) >= lo, f">= {lo}") for k in keys]
     preset = lambda k: (k, getattr(cfg, k) == -1 or getattr(cfg, k) >= 1, ">= 1, or -1 (the preset's)")
+    pixels = lambda k: (k, getattr(cfg, k) == -1 or 32 * 32 <= getattr(cfg, k) <= data.MAX_PIXELS,
+                        f"in [1024, {data.MAX_PIXELS}] (32x32 to 4096x4096 px), or -1 (the model's own)")
     checks = [("model", cfg.model in PRESETS, "|".join(PRESETS)),
               ("stage", cfg.stage in [*stages, "all"], "|".join([*stages, "all"])),
               ("rope", cfg.rope in ("native", "1d"), "native|1d"),
               ("mask", cfg.mask in ("mixed", "causal"), "mixed|causal"),
               ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto|bfloat16|float32"),
               ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), "auto|cpu|cuda|cuda:N|mps"),
-              ("out_dir", cfg.out_dir.strip(), "a folder"), ("max_seq_len", cfg.max_seq_len >= 16, ">= 16"),
+              ("out_dir", cfg.out_dir.strip(), "a folder"),
+              ("recipe", cfg.recipe in ("paper", "scripts"), "paper|scripts"),
+              ("recipe", cfg.recipe == "paper" or cfg.model != "toy",
+               "paper for the toy (scripts: the released full-scale scripts' recipe, for --model=neo-2b|neo-9b)"),
+              ("max_seq_len", cfg.max_seq_len >= 16 or (cfg.max_seq_len == 0 and cfg.recipe == "scripts"),
+               ">= 16 (0: the stage's row, with --recipe=scripts)"),
+              *map(pixels, ("min_pixels", "max_pixels")),
+              ("max_pixels", -1 in (cfg.min_pixels, cfg.max_pixels) or cfg.max_pixels >= cfg.min_pixels,
+               f">= --min_pixels={cfg.min_pixels}"),
               *at_least(1, "batch_size", "grad_accum", "eval_interval", "log_interval", "eval_batch"),
               *at_least(0, "weight_decay", "num_workers", "eval_samples", "kill_at"),
               ("max_iters", cfg.max_iters >= 0, ">= 0 (0 = the stage's recipe)"),

@@ -330,6 +330,13 @@ def skip_reason(e):
     return "malformed record (a field missing or of the wrong type)"
 
 
+def image_budget(n, min_pixels, max_pixels):
+    """max_pixels of each of a record's n images, as the authors' loader gives it
+    (VLMTrainKit/neo/data/data_processor.py, _get_item): the whole budget for one image, else twice the budget
+    shared among them but never under min_pixels, so that a many-image sample stays about two images long."""
+    return max_pixels if n <= 1 else max(max_pixels * 2 // n, min_pixels)
+
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -338,7 +345,8 @@ class JSONLDataset:
     {image, caption} pre-training pairs) from one or more .jsonl/.json files: "a.jsonl%50,b.json%200" keeps a
     fixed 50% of a and repeats b twice. JSONL is read lazily through line offsets; a .json list is loaded.
     Indexing returns a sample, or None for a bad record or unreadable image (counted in self.bad; why in
-    self.last_reason and self.last_error, which names the file and line).
+    self.last_reason and self.last_error, which names the file and line). max_pixels is one image's budget: a
+    record's n > 1 images share it as image_budget says; a video's frames have video_max_pixels each.
     Paths are joined to image_root as they are: an absolute path or '..' reads a file anywhere the user can,
     as a local training script should; image_root is a convenience, not a boundary."""
 
@@ -431,8 +439,9 @@ class JSONLDataset:
         video = rec.get("video")
         if self.stage == "llm" and (files or video):
             raise DataError("an image or video record in the text-only llm stage", "image or video in the llm stage")
+        hi = image_budget(len(files), self.min_pixels, self.max_pixels)  # per image; video frames keep their own
         if "conversations" not in rec:  # a pre-training pair
-            return encode_pair(self.enc, [load_image(path(f), self.min_pixels, self.max_pixels) for f in files],
+            return encode_pair(self.enc, [load_image(path(f), self.min_pixels, hi) for f in files],
                                rec.get("caption", rec.get("text")))
         msgs = [(ROLES[c["from"]], c["value"]) for c in rec["conversations"]]
         first = next((j for j, (r, _) in enumerate(msgs) if r == "user"), 0)
@@ -450,7 +459,7 @@ class JSONLDataset:
                 if p == "<image>":
                     if not files:
                         raise DataError(f"more <image> placeholders than its {n_files} image files", PLACEHOLDERS)
-                    images.append(load_image(path(files.pop(0)), self.min_pixels, self.max_pixels))
+                    images.append(load_image(path(files.pop(0)), self.min_pixels, hi))
                 elif p == "<video>":
                     v = [path(f) for f in video] if isinstance(video, list) else path(video)
                     frames, ts, dur = load_video(v, self.video_frames, self.min_pixels, self.video_max_pixels)

@@ -413,6 +413,34 @@ def test_jsonl_dataset(tmp_path):
     assert b[0]["input_ids"].shape == (2, 300) and loader.bad > 0  # bad records drawn, skipped, counted
 
 
+def test_images_of_one_record_share_the_budget(tmp_path):
+    """n > 1 images of one record get max(max_pixels * 2 // n, min_pixels) each, as the authors' loader gives
+    them; one or two images the whole budget; a video's frames keep their own budget whatever the images."""
+    for name in ("a.png", "b.png", "c.png", "f0.png", "f1.png"):
+        photo(256, 256).save(tmp_path / name)
+    conv = [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}]
+    recs = [{"images": ["a.png", "b.png", "c.png"], "conversations": conv},
+            {"images": ["a.png", "b.png"], "conversations": conv},
+            {"image": "a.png", "video": ["f0.png", "f1.png"], "conversations": conv},
+            {"images": ["a.png", "b.png", "c.png"], "caption": "three"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tokens = lambda s: [im.shape[1] // 32 * (im.shape[2] // 32) for im in s["images"]]
+    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), min_pixels=32 * 32, max_pixels=256 * 256,
+                           video_frames=2)
+    # 3 images: 65536 * 2 // 3 = 43690 px each; a 256x256 photo: beta = sqrt(65536 / 43690) = 1.2247,
+    # 256 / 1.2247 = 209.0 -> floor(209.0 / 32) * 32 = 192 px a side: 6 x 6 = 36 tokens (the whole budget: 64)
+    assert tokens(ds[0]) == [36, 36, 36] and tokens(ds[3]) == [36, 36, 36]
+    # 2 images: 65536 * 2 // 2 = 65536, the whole budget: 256x256 stays, 8 x 8 = 64 tokens
+    assert tokens(ds[1]) == [64, 64]
+    # 2 frames at the frames' own budget, max(1024, 65536 // 4) = 16384: 128x128 = 4 x 4 = 16 tokens, then the
+    # one image at the whole budget, 64 (without placeholders the video comes first in the turn)
+    assert tokens(ds[2]) == [16, 16, 64]
+    # the budget never goes under min_pixels: max(43690, 65536) = 65536, so 3 images of 64 tokens each
+    ds = data.JSONLDataset(str(p), image_root=str(tmp_path), min_pixels=256 * 256, max_pixels=256 * 256)
+    assert tokens(ds[0]) == [64, 64, 64]
+
+
 # ---- loader
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -164,6 +165,95 @@ def test_toy_only_stages():
     assert p.returncode == 2 and "toy-only" in p.stderr, p.stderr
     with pytest.raises(train.ConfigError, match="spatial_curriculum"):
         train.parse_config(["--model=neo-2b", "--spatial_curriculum=True"])
+
+
+def test_scripts_recipe_lr_schedule():
+    """--recipe=scripts takes the released scripts' LR, min-LR ratio, warm-up, steps and rows (train.STAGES,
+    `scripts`; the 8B scripts where they differ); the paper's stays the default; the toy refuses it."""
+    lr = lambda cfg, stage, step: train.get_lr(step, *train.stage_recipe(cfg, stage))
+    two, nine = (train.parse_config([f"--model={m}", "--recipe=scripts"]) for m in ("neo-2b", "neo-9b"))
+    # pretrain: 8e-4, 1,000 warm-up steps of 200,000, then cosine to 0.1x
+    assert lr(two, "pretrain", 0) == pytest.approx(8e-7)        # 8e-4 * 1 / 1000
+    assert lr(two, "pretrain", 999) == pytest.approx(8e-4)      # 8e-4 * 1000 / 1000
+    assert lr(two, "pretrain", 100500) == pytest.approx(4.4e-4)  # (100500 - 1000) / 199000 = 0.5: 8e-4 * (0.1 + 0.45)
+    assert lr(two, "pretrain", 200000) == pytest.approx(8e-5)   # 8e-4 * 0.1 (the paper's: 8e-4 * 0.05)
+    # midtrain: 5e-5, warm-up 3% of 50,000 = 1,500 steps, cosine to 0.2x
+    assert train.stage_recipe(two, "midtrain") == (5e-5, 0.2, 1500, 50000)
+    assert lr(two, "midtrain", 0) == pytest.approx(5e-5 / 1500)
+    assert lr(two, "midtrain", 25750) == pytest.approx(3e-5)    # (25750 - 1500) / 48500 = 0.5: 5e-5 * (0.2 + 0.4)
+    # sft: 6e-5, warm-up 3% of 4,500 = 135 steps, cosine to 0.1x
+    assert lr(two, "sft", 134) == pytest.approx(6e-5) and lr(two, "sft", 4500) == pytest.approx(6e-6)
+    # a fraction of the steps actually run: 3% of --max_iters=1000 is 30
+    assert train.stage_recipe(train.parse_config(["--model=neo-2b", "--recipe=scripts", "--max_iters=1000"]),
+                              "midtrain")[2] == 30
+    assert [train.stage_row(two, s) for s in ("pretrain", "midtrain", "sft")] == [16384, 32768, 34816]
+    # the 8B scripts: 200 warm-up steps and 18,432-token rows in midtrain and sft
+    assert train.stage_recipe(nine, "midtrain")[2] == 200 and train.stage_row(nine, "sft") == 18432
+    paper = train.parse_config(["--model=neo-2b"])
+    assert train.stage_recipe(paper, "midtrain") == (5e-5, 0.1, 1000, 50000) and train.stage_row(paper, "sft") == 8192
+    assert train.stage_row(train.parse_config(["--model=neo-2b", "--recipe=scripts", "--max_seq_len=4096"]),
+                           "sft") == 4096
+    with pytest.raises(train.ConfigError, match="paper for the toy"):
+        train.parse_config(["--recipe=scripts"])
+
+
+def photos_jsonl(tmp_path):
+    """Photos the test makes (256x256, 64x48), and a JSONL with a three-image record and one-image records."""
+    from test_data import photo
+    for name in ("a", "b", "c"):
+        photo(256, 256).save(tmp_path / f"{name}.jpg")
+    photo(64, 48).save(tmp_path / "small.png")
+    conv = [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A gradient."}]
+    p = tmp_path / "photos.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"images": ["a.jpg", "b.jpg", "c.jpg"], "conversations": conv}, {"image": "a.jpg", "conversations": conv},
+        {"image": "small.png", "conversations": conv})))
+    return p
+
+
+def test_pixel_flags_reach_the_loader_and_the_saved_config(tmp_path, neo_folder):
+    """--min_pixels/--max_pixels set the stage's budget: the loader's images have it (three images of one record
+    share it as the authors' loader shares it), and the stage folder's config.json, which sample.py reads, keeps it;
+    without the flags the model's own budget stays."""
+    p = photos_jsonl(tmp_path)
+    cfg = train.parse_config(TINY + ["--stage=sft", "--min_pixels=16384", "--max_pixels=65536", f"--data={p}",
+                                     f"--image_root={tmp_path}", f"--init_from={neo_folder}", "--max_seq_len=512"])
+    st = train.setup_stage(cfg, "sft", neo_folder, common.setup_distributed("cpu"), None)
+    assert (st.loader.source.min_pixels, st.loader.source.max_pixels) == (16384, 65536)
+    sizes = {tuple(im.shape[1:]) for _ in range(3) for im in next(st.batches)["images"]}
+    # three images: max(65536 * 2 // 3, 16384) = 43690 px each: 256x256 -> 192x192 (beta = sqrt(65536 / 43690));
+    # one: 65536, 256x256 stays; 64x48 = 3072 px is under 16384: beta = sqrt(16384 / 3072) = 2.309,
+    # 48 * 2.309 = 110.9 -> 128, 64 * 2.309 = 147.8 -> 160 (rounded up to multiples of 32)
+    assert sizes == {(192, 192), (256, 256), (128, 160)}, sizes
+    out = tmp_path / "o"
+    run(TINY + ["--stage=sft", "--max_iters=1", "--max_seq_len=512", "--min_pixels=16384", "--max_pixels=65536",
+                f"--data={p}", f"--image_root={tmp_path}", f"--init_from={neo_folder}", f"--out_dir={out}"])
+    vision = json.load(open(out / "sft" / "config.json"))["vision_config"]
+    assert (vision["min_pixels"], vision["max_pixels"]) == (16384, 65536)
+    import sample  # which sample.py, with no pixel flags, reads back for the folder train.py wrote
+    no_flags = types.SimpleNamespace(min_pixels=None, max_pixels=None, **dict.fromkeys(sample.DECODING))
+    enc, ours = sample.load_tokenizer(str(out / "sft"))
+    name = sample.choose_preset("auto", ours, str(out / "sft"))
+    assert sample.settings(name, no_flags, NEO.from_pretrained(out / "sft").cfg)["image_pixels"] == (16384, 65536)
+    own = NEO.from_pretrained(neo_folder).cfg  # no flags: the starting folder's own budget (the toy's 4096-65536)
+    cfg = train.parse_config(TINY)
+    assert train.stage_pixels(cfg, "sft", own) == (own.min_pixels, own.max_pixels) == (64 * 64, 256 * 256)
+
+
+def test_scripts_recipe_end_to_end(tmp_path, neo_folder):
+    """--recipe=scripts at full scale (a tiny NEO standing in for NEO-2B) on a JSONL of photos: midtrain's LR
+    follows the scripts' schedule step by step and its folder keeps the scripts' midtrain budget."""
+    p = photos_jsonl(tmp_path)
+    out = tmp_path / "o"
+    log = run(TINY + ["--model=neo-2b", "--recipe=scripts", "--stage=midtrain", "--max_iters=10", "--grad_accum=1",
+                      "--log_interval=1", "--max_seq_len=512", f"--data={p}", f"--image_root={tmp_path}",
+                      f"--init_from={neo_folder}", f"--out_dir={out}"]).stdout
+    lrs = [line.split(" lr ")[1].split()[0] for line in log.splitlines() if line.startswith("[midtrain] step")]
+    # warm-up ceil(3% of 10) = 1 step; then 5e-5 * (0.2 + 0.8 * 0.5 * (1 + cos(pi * (s - 1) / 9))) at step s:
+    # s = 5: cos(4 pi / 9) = 0.1736 -> 5e-5 * 0.6695 = 3.35e-05; s = 9: cos(8 pi / 9) = -0.9397 -> 5e-5 * 0.2241
+    assert (lrs[0], lrs[1], lrs[5], lrs[9]) == ("5.00e-05", "5.00e-05", "3.35e-05", "1.12e-05"), lrs
+    vision = json.load(open(out / "midtrain" / "config.json"))["vision_config"]
+    assert (vision["min_pixels"], vision["max_pixels"]) == (256 * 256, 4096 * 4096)  # 2B_2MTsi.sh's
 
 
 def test_spatial_curriculum_runs_its_stage(tmp_path):
@@ -476,10 +566,16 @@ def test_expected_errors_are_one_line(tmp_path):
     before anything runs), a missing --data file, a ckpt.pt of another stage or truncated, a full disk."""
     for bad in (["--learning_rate=-1"], ["--threads=-1"], ["--grad_clip=0"], ["--beta2=1"], ["--seed=-1"],
                 ["--min_lr_ratio=2"], ["--learning_rate=nan"], ["--max_iters=-5"], ["--eval_batch=0"],
-                ["--n_head=3"], ["--device=gpu"], ["--data=nowhere.jsonl"], ["--data="], ["--init_from=nowhere"]):
+                ["--n_head=3"], ["--device=gpu"], ["--data=nowhere.jsonl"], ["--data="], ["--init_from=nowhere"],
+                ["--min_pixels=1000"], ["--max_pixels=20000000"], ["--min_pixels=8192", "--max_pixels=4096"],
+                ["--recipe=script", "--model=neo-2b"], ["--recipe=scripts"], ["--max_seq_len=0"]):
         with pytest.raises(train.ConfigError):
             train.parse_config(bad)
     assert "--learning_rate must be >= 0" in one_line_error(run(["--learning_rate=-1"], check=False), 2)
+    # a --min_pixels over the model's own max_pixels (the toy's 65536) is found once the model is loaded
+    line = one_line_error(run(TINY + ["--stage=llm", "--min_pixels=100000", f"--out_dir={tmp_path / 'px'}"],
+                              check=False), 2)
+    assert "min_pixels 100000 is over max_pixels 65536" in line, line
     assert "no such file" in one_line_error(run(["--stage=sft", "--data="], check=False), 2)
     out = str(tmp_path / "o")
     common = TINY + ["--max_iters=2", f"--out_dir={out}"]

@@ -63,6 +63,9 @@ class TrainConfig:
     # data
     data: str = "shapes"          # 'shapes' = the built-in ShapesWorld, else a LLaVA/NEO JSON/JSONL file
     image_root: str = ""          # folder the JSONL's image paths are relative to
+    min_pixels: int = -1          # pixel budget of one image, every stage this command runs; -1 = the model's own
+    max_pixels: int = -1          # (the starting folder's config.json, else the preset's), or --recipe=scripts's
+    #                               per stage. Saved in each stage folder's config.json, so sample.py uses them
     tokenizer: str = ""           # '' = the init_from folder's own tokenizer files, else 'shapes' (toy)
     num_workers: int = 0          # loader worker processes
     # model shape and the ablation switches (ablate.py); -1 = the preset's value
@@ -79,6 +82,8 @@ class TrainConfig:
     rope_theta_hw: float = -1.0   # base of the H/W rotary channels (1e4 in NEO)
     patch_rope: bool = True       # the patch embedding's 2-D rotation of patch features (NEO: on)
     # optimisation; 0 or -1 = the stage's recipe value (STAGES below)
+    recipe: str = "paper"         # paper|scripts: at full scale, the paper's recipe or the released training
+    #                               scripts' (rows and pixel budgets too); the toy has its own
     max_iters: int = 0            # optimizer steps per stage
     iters_scale: float = 1.0      # multiplies every stage's recipe steps (a longer toy run: --iters_scale=4)
     learning_rate: float = 0.0    # peak LR
@@ -96,7 +101,8 @@ class TrainConfig:
     batch_size: int = 8           # packed rows per micro-step per process. Toy: 8 rows learn more in the same time
     #                               than 16 or 4 (EXPERIMENTS.md, section 'Earlier findings')
     max_seq_len: int = 192        # tokens per packed row (ShapesWorld samples are 20-180 tokens; a row's
-    #                               attention is dense, so longer rows cost more per token on a CPU)
+    #                               attention is dense, so longer rows cost more per token on a CPU); 0 = the
+    #                               stage's row in --recipe=scripts (its default there)
     grad_accum: int = 1           # micro-steps per optimizer step, over all processes together
     # system
     device: str = "auto"          # auto|cpu|cuda|cuda:N|mps
@@ -153,6 +159,8 @@ def parse_config(argv, saved=None):
         base = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, "kill_at": 0}
     else:
         base = {**defaults, **(FULL_SCALE if given.get("model", "toy") != "toy" else {})}
+        if given.get("recipe") == "scripts":  # each stage its scripts' row length, unless --max_seq_len is given
+            base["max_seq_len"] = 0
     cfg = TrainConfig(**{**base, **given})
     check_config(cfg, ORDER, stage_recipe)
     return cfg
@@ -162,21 +170,31 @@ def parse_config(argv, saved=None):
 # Recipe: each stage's learning rate, schedule and steps, and what trains at which rate
 
 
-# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps; mid-train and SFT
-# 5e-5 -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `toy`: what the toy uses instead; `toy_curriculum`: the toy's
-# with --spatial_curriculum=True, where it differs. The toy's LRs are higher because its "LLM" is a few minutes old
-# and each stage is a few hundred steps, not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter
-# model barely moves. Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest
-# way to teach per-object features, and a short llm stage leaves some seeds with an LLM that pretrain cannot build
-# on (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing 3-4 objects in order
-# take ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section 'The patch embedding frozen
-# after pretrain, and twice the steps').
+# Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps; mid-train and SFT 5e-5
+# -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `scripts`: the released training scripts' (--recipe=scripts;
+# VLMTrainKit/scripts/2B_1PT.sh, 2B_2MTsi.sh, 2B_3SFTsi.sh; `scripts_9b`: the 8B_*.sh where they differ), which also
+# set each stage's packed row length (their --max_seq_length: pretrain's 16384, not its unused --model_max_length 8192)
+# and pixel budget; a warm-up under 1 is their --warmup_ratio, a fraction of the stage's steps, rounded up as Hugging
+# Face's Trainer rounds it (3% of 50,000 = 1,500). `toy`: what the toy uses instead; `toy_curriculum`: the toy's with
+# --spatial_curriculum=True, where it differs. The toy's LRs are higher because its "LLM" is a few minutes old and each
+# stage is a few hundred steps, not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely
+# moves. Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest way to teach
+# per-object features, and a short llm stage leaves some seeds with an LLM that pretrain cannot build on
+# (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing 3-4 objects in order take
+# ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section 'The patch embedding frozen after
+# pretrain, and twice the steps').
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
+    #          scripts: (lr, min_lr_ratio, warm-up, iters,   row tokens, min_pixels, max_pixels)
     "llm":      dict(paper=None,                          toy=(3e-3, 0.1, 10, 400)),
-    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600)),
-    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440)),
+    "pretrain": dict(paper=(8e-4, 0.05, 2000, 190000),    toy=(2e-3, 0.1, 10, 600),
+                     scripts=(8e-4, 0.1, 1000, 200000,    16384, 256 * 256, 2048 * 2048)),
+    "midtrain": dict(paper=(5e-5, 0.1, 1000, 50000),      toy=(2e-3, 0.1, 20, 1440),
+                     scripts=(5e-5, 0.2, 0.03, 50000,     32768, 256 * 256, 4096 * 4096),
+                     scripts_9b=(5e-5, 0.2, 200, 50000,   18432, 256 * 256, 4096 * 4096)),
     "sft":      dict(paper=(5e-5, 0.1, 100, 10000),       toy=(3e-4, 0.1, 5, 120),
+                     scripts=(6e-5, 0.1, 0.03, 4500,      34816, 256 * 256, 4096 * 4096),
+                     scripts_9b=(6e-5, 0.1, 200, 4500,    18432, 256 * 256, 4096 * 4096),
                      # 1e-3: after the spatial stage, sft must bring back the families its questions pushed
                      # out, and 3e-4 brings back less (EXPERIMENTS.md, section 'A spatial curriculum')
                      toy_curriculum=(1e-3, 0.1, 5, 120)),
@@ -186,21 +204,48 @@ ORDER = ["llm", "pretrain", "midtrain", "spatial", "sft"]
 PAPER_ORDER = [s for s in ORDER if STAGES[s]["paper"]]  # full scale: llm and spatial are the toy's own
 
 
+def recipe_row(cfg, stage):
+    """The recipe's entry of a stage (STAGES): the toy's, the paper's, or the released scripts' (None: no recipe)."""
+    row = STAGES[stage]
+    if cfg.model == "toy":
+        return row.get("toy_curriculum", row["toy"]) if cfg.spatial_curriculum else row["toy"]
+    if cfg.recipe == "scripts":
+        return row.get("scripts_9b", row.get("scripts")) if cfg.model == "neo-9b" else row.get("scripts")
+    return row["paper"]
+
+
 def stage_recipe(cfg, stage):
     """(lr, min_lr_ratio, warmup, iters) of a stage: the recipe, with the command line's overrides."""
-    rec = STAGES[stage]["toy" if cfg.model == "toy" else "paper"]
-    if cfg.model == "toy" and cfg.spatial_curriculum:
-        rec = STAGES[stage].get("toy_curriculum", rec)
+    rec = recipe_row(cfg, stage)
     if rec is None and stage == "llm":
         raise ConfigError("the llm stage is the toy's stand-in for a pretrained Qwen3: use --model=toy, "
                           "or start from one with --stage=pretrain --init_from=/path/Qwen3")
     if rec is None:
         raise ConfigError(f"the {stage} stage is a toy-only curriculum step: use --model=toy, or one of "
                           f"{', '.join(PAPER_ORDER)} at full scale")
-    lr, ratio, warm, iters = rec
+    lr, ratio, warm, iters = rec[:4]
     iters = cfg.max_iters or max(1, round(iters * cfg.iters_scale))
+    if warm < 1:  # a fraction of this stage's steps (the scripts' --warmup_ratio)
+        warm = math.ceil(warm * iters)
     return (cfg.learning_rate or lr, ratio if cfg.min_lr_ratio < 0 else cfg.min_lr_ratio,
             min(warm, iters // 5) if cfg.warmup_iters < 0 else cfg.warmup_iters, iters)
+
+
+def stage_row(cfg, stage):
+    """Tokens per packed row in a stage: --max_seq_len, or 0 there: the scripts' row of the stage."""
+    return cfg.max_seq_len or recipe_row(cfg, stage)[4]
+
+
+def stage_pixels(cfg, stage, mcfg):
+    """(min_pixels, max_pixels) of one image in a stage: --min_pixels/--max_pixels, else the scripts' under
+    --recipe=scripts, else the model's own (mcfg: the starting folder's or the preset's). ConfigError if min > max."""
+    rec = recipe_row(cfg, stage) if cfg.recipe == "scripts" else None
+    lo, hi = [flag if flag != -1 else rec[i] if rec else own
+              for flag, own, i in ((cfg.min_pixels, mcfg.min_pixels, 5), (cfg.max_pixels, mcfg.max_pixels, 6))]
+    if lo > hi:
+        raise ConfigError(f"[{stage}] min_pixels {lo} is over max_pixels {hi} (the flags', else the recipe's, else "
+                          f"the model's own): pass both --min_pixels and --max_pixels")
+    return lo, hi
 
 
 def vision_lr_scale(cfg, stage):
@@ -274,7 +319,7 @@ class Stage:
     accum: int               # micro-steps per optimizer step on this process
     step: int                # optimizer steps done
     start: int               # the step this process began at (resumed: the step ckpt.pt already holds)
-    flops_per_token: float   # of training, at --max_seq_len: the MFU's numerator per token
+    flops_per_token: float   # of training, at the stage's row length: the MFU's numerator per token
     t0: float = 0.0          # when the loop started
     bar: object = None       # the loop's progress bar
 
@@ -291,14 +336,19 @@ def setup_stage(cfg, stage, init, procs, resume):
         model.load_state_dict(resume["model"])
     else:
         model = load_stage_model(cfg, stage, init)
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, cfg.max_seq_len)
+    row = stage_row(cfg, stage)
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, row)
+    # the stage's image budget lives in the model's config: the loader reads it there, and so do the stage folder's
+    # config.json, sample.py and the evaluation
+    model.cfg.min_pixels, model.cfg.max_pixels = stage_pixels(cfg, stage, model.cfg)
     set_trainable(model, stage)
     model.grad_checkpointing = cfg.grad_checkpointing
     model.to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"[{stage}] {model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; from "
            f"{'ckpt.pt (resume)' if resume else init or 'scratch'}; lr {lr:g} -> {lr * ratio:g}, "
-           f"warm-up {warmup}, {iters} steps")
+           f"warm-up {warmup}, {iters} steps; rows of {row} tokens, "
+           f"{model.cfg.min_pixels:,}-{model.cfg.max_pixels:,} px per image")
     raw_model, train_ctx, sync = model, ctx, None
     if cfg.fsdp:
         shard(raw_model, getattr(torch, cfg.dtype))
@@ -331,7 +381,7 @@ def setup_stage(cfg, stage, init, procs, resume):
     return Stage(name=stage, init=init, tok=tok, enc=enc, model=model, raw_model=raw_model, opt=opt, loader=loader,
                  batches=iter(loader), ctx=ctx, train_ctx=train_ctx, sync=sync, schedule=(lr, ratio, warmup, iters),
                  accum=cfg.grad_accum // procs.world, step=step, start=step,
-                 flops_per_token=raw_model.flops_per_token(cfg.max_seq_len))
+                 flops_per_token=raw_model.flops_per_token(row))
 
 
 def train_step(model, opt, next_batch, ctx, grad_clip, accum=1, sync=None, world=1, before_update=None):
@@ -553,6 +603,7 @@ def launch(cfg, ck=None):
     cfg.compile = cfg.compile and compile_works(procs.device)
     if cfg.bench:
         import bench
+        cfg.max_seq_len = stage_row(cfg, "midtrain")  # the bench times midtrain batches
         return bench.train_speed(cfg, procs)
     order = PAPER_ORDER if cfg.model != "toy" else [s for s in ORDER if s != "spatial" or cfg.spatial_curriculum]
     stages = order if cfg.stage == "all" else [cfg.stage]
@@ -644,7 +695,8 @@ def resolve_tokenizer(cfg, init):
 
 
 def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
-    """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage)."""
+    """Packed batches for a stage: ShapesWorld's stage mixture, or a JSONL dataset (same for every stage), at the
+    pixel budget in mcfg (setup_stage puts the stage's there)."""
     if cfg.data == "shapes":
         source = shapes.ShapesWorld(split="train", stage=stage, enc=enc, min_pixels=mcfg.min_pixels,
                                     max_pixels=mcfg.max_pixels, seed=seed,
@@ -652,7 +704,7 @@ def make_loader(cfg, stage, enc, mcfg, rank, world, seed):
     else:
         source = data.JSONLDataset(cfg.data, image_root=cfg.image_root, enc=enc, min_pixels=mcfg.min_pixels,
                                    max_pixels=mcfg.max_pixels, stage=stage)
-    return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, rank=rank,
+    return data.PackedLoader(source, batch_size=cfg.batch_size, max_seq_len=stage_row(cfg, stage), rank=rank,
                              world_size=world, seed=seed, num_workers=cfg.num_workers)
 
 
