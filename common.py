@@ -131,16 +131,16 @@ def compile_layers(model):
         block.compile()
 
 
-def compile_works(device):
+def compile_works(device, what="training"):
     """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
-    a machine without one trains eagerly after a one-line note instead of failing at the first step."""
+    a machine without one runs eagerly after a one-line note instead of failing at the first step."""
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
         return True
     except Exception as e:  # no compiler, an unsupported platform or Python: all mean "eager"
         first_line = str(e).partition("\n")[0][:120]
-        print0(f"train.py: torch.compile does not work here ({type(e).__name__}: {first_line}); "
-               f"training eagerly (pass --compile=False to skip this check)")
+        print0(f"torch.compile does not work here ({type(e).__name__}: {first_line}); {what} eagerly (pass "
+               f"--compile=False to skip this check)")
         return False
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data
 import sample
 import tokenizer
-from common import choose_device
+from common import choose_device, compile_works
 from sample import K, SampleError
 
 # -----------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def score_markdown(t):
 # 4. Generation: several rows at once, left-padded, greedy through the KV cache
 
 
-def answer_batch(model, prompts, s, enc, n_ctx, seed):
+def answer_batch(model, prompts, s, enc, n_ctx, seed, compile=False):
     """prompts: data.build_prompt dicts -> the answers' texts, as the authors' chat() returns them."""
     ids, dev = tokenizer.special_ids(enc), next(model.parameters()).device
     L = max(len(p["input_ids"]) for p in prompts)
@@ -329,7 +329,8 @@ def answer_batch(model, prompts, s, enc, n_ctx, seed):
     n_new = min(s["max_new_tokens"], n_ctx - L)
     out = model.generate(x, imgs, max_new_tokens=n_new, temperature=s["temperature"], top_k=s["top_k"],
                          top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], eos_id=ids["im_end"], seed=seed,
-                         vocab_limit=enc.n_vocab, pad_mask=pad if L > min(len(p["input_ids"]) for p in prompts) else None)
+                         vocab_limit=enc.n_vocab, pad_mask=pad if L > min(len(p["input_ids"]) for p in prompts) else None,
+                         compile=compile)
     return ["".join(sample.stripped(sample.text_pieces(row, enc, {ids["im_end"]}))) for row in out.tolist()]
 
 
@@ -354,6 +355,8 @@ def get_args(argv=None):
     p.add_argument("--min_pixels", type=int, default=None, help="per image (default: the preset's)")
     p.add_argument("--max_pixels", type=int, default=None, help="per image (default: the preset's)")
     p.add_argument("--seed", type=int, default=1337, help="for sampling presets (neo-ov)")
+    p.add_argument("--compile", default="auto", choices=["auto", "True", "False"],
+                   help="compile the decode step (neo.NEO.decode_step); auto: when there are 8 batches or more to do")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default auto: bfloat16 on a GPU, the checkpoint's on a CPU")
@@ -440,8 +443,12 @@ def main(argv=None):
     dtype = None if args.dtype == "auto" and device == "cpu" else getattr(
         torch, args.dtype if args.dtype != "auto" else "bfloat16" if "cuda" in device else "float32")
     model = sample.load_model(path, device, dtype, enc)
+    # compiling takes tens of seconds on a CPU and pays back over many decode steps
+    compile = args.compile == "True" or (args.compile == "auto" and len(todo) >= 8 * args.batch_size)
+    compile = compile and compile_works(device, "decoding")
     print(f"{path} on {name}: {len(rows)} rows, {len(rows) - len(todo)} done before, {len(todo)} to go; "
-          f"{device} {str(next(model.parameters()).dtype)[6:]}, batch {args.batch_size}", file=sys.stderr)
+          f"{device} {str(next(model.parameters()).dtype)[6:]}, batch {args.batch_size}"
+          f"{', decode step compiled' if compile else ''}", file=sys.stderr)
 
     skipped, t0, n_gen = [], time.perf_counter(), 0
     with open(pred_file, "a", encoding="utf-8") as f, torch.inference_mode():
@@ -456,7 +463,7 @@ def main(argv=None):
                 else:
                     batch.append((r, p))
             if batch:
-                answers = answer_batch(model, [p for _, p in batch], s, enc, cfg.max_seq_len, args.seed)
+                answers = answer_batch(model, [p for _, p in batch], s, enc, cfg.max_seq_len, args.seed, compile)
                 for (r, _), a in zip(batch, answers):
                     f.write(json.dumps({"index": r["index"], "prediction": a}, ensure_ascii=False) + "\n")
                     done[r["index"]] = a

@@ -546,8 +546,9 @@ class NEO(nn.Module):
         (the tests' reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
         pad_mask (B, L) bool: True at left padding, for prompts of different lengths generated together. The padding
         is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone.
-        compile=True: decode_step through torch.compile, on a cache of max_seq_len slots so that its shapes never
-        change; the first call compiles (tens of seconds on a CPU), so it pays for many tokens or rows (eval.py)."""
+        compile=True: decode_step through torch.compile, reading every slot of a cache sized to a power of two, so
+        that its shapes seldom change; the first call compiles (tens of seconds on a CPU): it pays for many tokens or
+        rows (eval.py)."""
         B, L = input_ids.shape
         dev = input_ids.device
         assert pad_mask is None or use_cache, "a padded batch needs the cache"
@@ -557,7 +558,8 @@ class NEO(nn.Module):
         seen = input_ids if pad_mask is None else torch.where(pad_mask, input_ids[:, -1:], input_ids)
         seen = torch.cat((seen, input_ids.new_zeros(B, max_new_tokens)), 1) if repetition_penalty != 1.0 else None
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        T = max(self.cfg.max_seq_len, L + 1) if compile else min(L + max_new_tokens, max(self.cfg.max_seq_len, L + 1))
+        T = L + max_new_tokens  # compiled: a power of two, so that the shapes change only every doubling
+        T = min(1 << (T - 1).bit_length() if compile else T, max(self.cfg.max_seq_len, L + 1))
         cache = KVCache(self.cfg, B, T, dev, next(self.parameters()).dtype) if use_cache else None
         if pad_mask is not None:
             cache.valid[:, :L] = ~pad_mask

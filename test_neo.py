@@ -218,7 +218,7 @@ def test_cached_generation_equals_uncached():
 
 
 def test_compiled_decode_equals_eager():
-    """generate(compile=True) runs decode_step through torch.compile on a cache of max_seq_len slots (the whole
+    """generate(compile=True) runs decode_step through torch.compile on a cache of 32 slots (a power of two; the whole
     buffer read, the mask hiding the empty slots): the same greedy tokens as eager, for a padded batch."""
     torch.manual_seed(0)
     cfg = tiny_cfg(max_seq_len=64)
