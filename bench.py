@@ -179,8 +179,8 @@ import sys, time, torch
 from neo import NEO, NEOConfig
 torch.manual_seed(0)
 model = NEO(NEOConfig()).eval()
-cfg = model.cfg
-ids = torch.tensor([[1] * 10 + [cfg.img_start_id] + [cfg.img_context_id] * 16 + [cfg.img_end_id] + [2] * 10])
+cfg, mode, B = model.cfg, sys.argv[1], int(sys.argv[3])
+ids = torch.tensor([[1] * 10 + [cfg.img_start_id] + [cfg.img_context_id] * 16 + [cfg.img_end_id] + [2] * 10] * B)
 if sys.argv[2] == "auto":   # what sample.py does: dtype and thread count measured on one of the model's layers
     import sample
     dtype, threads = sample.choose_cpu_setting(model, ids.shape[1], 64)
@@ -189,30 +189,39 @@ if sys.argv[2] == "auto":   # what sample.py does: dtype and thread count measur
     print(f"auto: {dtype} x{threads}")
 elif sys.argv[2] == "bfloat16":
     model.to(torch.bfloat16)
-img = torch.randn(3, 128, 128).to(next(model.parameters()).dtype)   # a ShapesWorld-sized image: 16 tokens
+imgs = [torch.randn(3, 128, 128).to(next(model.parameters()).dtype)] * B   # ShapesWorld-sized images: 16 tokens
+kw = dict(max_new_tokens=64, use_cache=mode != "uncached", compile=mode == "compiled")
+if mode == "compiled":  # the compile itself, once, not timed
+    t0 = time.perf_counter()
+    model.generate(ids, imgs, **kw)
+    print(f"compile {time.perf_counter() - t0:.0f} s")
 best = 0
 for _ in range(3):
     t0 = time.perf_counter()
-    n = sum(1 for _ in model.generate_stream(ids, [img], max_new_tokens=64, use_cache=sys.argv[1] == "cached"))
-    best = max(best, n / (time.perf_counter() - t0))
+    n = sum(1 for _ in model.generate_stream(ids, imgs, **kw))
+    best = max(best, B * n / (time.perf_counter() - t0))
 print(f"decode {best:.1f} tok/s")
 """
 
 
 def decode_part(repeats):
-    print("\n## decoding: the toy (5.4M parameters), one 128x128 image, greedy, 64 new tokens (best of 3)")
+    print("\n## decoding: the toy (5.4M parameters), one 128x128 image per row, greedy, 64 new tokens (best of 3); "
+          "tok/s summed over the rows")
     print("| setting | tok/s |\n|---|---|")
-    settings = [("cached", "float32", False), ("uncached", "float32", False), ("cached", "bfloat16", False),
-                ("cached", "auto", False), ("cached", "float32", True), ("cached", "auto", True)]
+    settings = [("cached", "float32", 1, False), ("uncached", "float32", 1, False), ("cached", "bfloat16", 1, False),
+                ("cached", "auto", 1, False), ("compiled", "float32", 1, False), ("cached", "float32", 16, False),
+                ("compiled", "float32", 16, False), ("cached", "float32", 1, True), ("cached", "auto", 1, True)]
     rows = {}
     for _ in range(repeats):
         for s in settings:
-            out = python(["-c", DECODE, s[0], s[1]], busy=s[2])
+            out = python(["-c", DECODE, s[0], s[1], str(s[2])], busy=s[3])
             auto = re.search(r"auto: torch\.(\w+) x(\d+)", out)
+            comp = re.search(r"compile (\d+) s", out)
             rows.setdefault(s, []).append((float(re.search(r"decode ([\d.]+) tok/s", out)[1]),
-                                           f" -> {auto[1]}, {auto[2]} thread(s)" if auto else ""))
-    for (c, d, busy), v in rows.items():
-        name = f"{c}, {d}{v[0][1]}" + (" (sample.py's choice)" if d == "auto" else "")
+                                           f" -> {auto[1]}, {auto[2]} thread(s)" if auto else
+                                           f" (compiling took {comp[1]} s)" if comp else ""))
+    for (c, d, b, busy), v in rows.items():
+        name = f"{c}, {d}, batch {b}{v[0][1]}" + (" (sample.py's choice)" if d == "auto" else "")
         print(f"| {name}{', one busy process beside it' if busy else ''} | {spread([x[0] for x in v])} |")
 
 

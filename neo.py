@@ -400,11 +400,9 @@ HW_NAMES = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_nor
 
 
 class KVCache:
-    """Static per-layer k/v buffers (B, heads, T, ch), allocated once and updated in place (gpt-fast's pattern), and
-    two counters that Native-RoPE makes differ: `length` (tokens cached) and `next_t` (B,) (the next token's T index:
-    an image of any size uses one t, so next_t < length after one). valid (B, T): the slots a new token may see
-    (False at the left padding of prompts of different lengths). upto: how many slots a decode step reads (eager:
-    the ones written; None: all T, fixed shapes for a compiled step, the mask hiding the empty ones)."""
+    """Per-layer k/v buffers (B, heads, T, ch) allocated once, written in place (gpt-fast's pattern). Native-RoPE
+    makes two counters differ: `length` (tokens cached), `next_t` (B,) (the next T index: an image uses one t).
+    valid (B, T): the slots a new token may see (not left padding); upto: the slots a decode step reads."""
 
     def __init__(self, cfg, B, T, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, T, 2 * cfg.head_dim if cfg.rope == "native" else cfg.head_dim,
@@ -416,8 +414,8 @@ class KVCache:
         self.length, self.next_t, self.upto = 0, None, None
 
     def update(self, i, k, v, index=None):
-        """Layer i's new k, v (B, nkv, L, ch) -> what attention reads. A prompt (index None) is written after what is
-        cached; a decode step writes its one token at slot `index`, a (1,) tensor, so a compiled step never changes."""
+        """Layer i's new k, v (B, nkv, L, ch) -> what attention reads. A prompt (index None) goes after what is
+        cached; a decode step's token to slot `index`, a (1,) tensor, so that a compiled step never changes."""
         kc, vc = self.k[i], self.v[i]
         if index is not None:
             kc[:, :, index], vc[:, :, index] = k, v
@@ -490,13 +488,9 @@ class NEO(nn.Module):
                 f"images must be (3, H, W) with H, W multiples of {cfg.token_px}, got {tuple(img.shape)}"
         assert doc_ids is None or doc_ids.shape == input_ids.shape, "doc_ids must have the shape of input_ids"
         grids = [(img.shape[1] // cfg.token_px, img.shape[2] // cfg.token_px) for img in images or []]
-        if cache is not None and cache.length > 0:  # one token after the prompt: decode_step, then advance
+        if cache is not None and cache.length > 0:  # one token after the prompt
             assert L == 1, "decode one token at a time"
-            index = torch.full((1,), cache.length, device=input_ids.device)
-            cache.upto = cache.length + 1
-            logits = self.decode_step(input_ids, cache.next_t, index, cache)
-            cache.next_t, cache.length = cache.next_t + 1, cache.length + 1
-            return logits[:, None], None
+            return self.decode(input_ids, cache)[:, None], None
         # the prompt, with the mixed mask of section 3 above (a FlexAttention BlockMask for long packs on CUDA)
         pos, img_id = build_positions(input_ids, grids, cfg, doc_ids)
         docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
@@ -520,6 +514,14 @@ class NEO(nn.Module):
         w = (targets != IGNORE_INDEX if loss_weights is None else loss_weights).reshape(-1).float()
         return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)  # sum(w * CE) / sum(w), w: data.collate's
 
+    def decode(self, tok, cache, compiled=False):
+        """tok (B, 1), the token after what cache holds -> next-token logits (B, V); the cache advances by one."""
+        cache.upto = None if compiled else cache.length + 1  # compiled: every slot, so that the shapes stay put
+        index = torch.full((1,), cache.length, device=tok.device)
+        logits = (self.compiled_decode if compiled else self.decode_step)(tok, cache.next_t, index, cache)
+        cache.next_t, cache.length = cache.next_t + 1, cache.length + 1
+        return logits
+
     def decode_step(self, tok, t, index, cache):
         """One new token per row after the prompt: tok (B, 1) at T index t (B,) (h = w = 0, as text), written to cache
         slot index (1,) -> next-token logits (B, V). Tensors in, tensors out: compiled once, it runs every step."""
@@ -542,13 +544,11 @@ class NEO(nn.Module):
                         eos_id=None, seed=None, use_cache=True, vocab_limit=None, top_p=None, repetition_penalty=1.0,
                         pad_mask=None, compile=False):
         """Yield new token ids one at a time (ints if B = 1, else (B,) tensors): prefill once with the mixed mask, then
-        one decode_step per token through the static KV cache; use_cache=False re-runs the whole sequence each step
-        (the tests' reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
-        pad_mask (B, L) bool: True at left padding, for prompts of different lengths generated together. The padding
-        is a document of its own, so each prompt's (t, h, w) and mask are what it would get alone.
-        compile=True: decode_step through torch.compile, reading every slot of a cache sized to a power of two, so
-        that its shapes seldom change; the first call compiles (tens of seconds on a CPU): it pays for many tokens or
-        rows (eval.py)."""
+        a decode_step per token through the KV cache; use_cache=False re-runs the whole sequence each step (the tests'
+        reference). vocab_limit: the tokenizer's size (no padding id is emitted); sampling: as sample_next.
+        pad_mask (B, L): True at left padding, for prompts of different lengths; the padding is a document of its own,
+        so each prompt gets the (t, h, w) and mask it would get alone. compile=True: decode_step compiled, reading a
+        cache of a power of two slots; compiling takes tens of seconds on a CPU, so it pays for many tokens or rows."""
         B, L = input_ids.shape
         dev = input_ids.device
         assert pad_mask is None or use_cache, "a padded batch needs the cache"
@@ -564,13 +564,8 @@ class NEO(nn.Module):
         if pad_mask is not None:
             cache.valid[:, :L] = ~pad_mask
         logits = self(input_ids, images, doc_ids=doc_ids, cache=cache, last_only=True)[0][:, -1]   # (B, V)
-        if use_cache:
-            step = self.decode_step
-            if compile:
-                if self.compiled_decode is None:
-                    self.compiled_decode = torch.compile(self.decode_step, dynamic=False)
-                step = self.compiled_decode
-            index, t = torch.full((1,), L, device=dev), cache.next_t   # the new token's cache slot and T index
+        if compile and self.compiled_decode is None:
+            self.compiled_decode = torch.compile(self.decode_step, dynamic=False)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         no_img = [self.cfg.img_start_id, self.cfg.img_end_id, self.cfg.img_context_id]
         for i in range(max_new_tokens):
@@ -589,9 +584,7 @@ class NEO(nn.Module):
             if i == max_new_tokens - 1 or (use_cache and L + i + 1 > T):
                 return
             if use_cache:  # the new token alone: the cache holds the rest, images included
-                cache.upto = None if compile else L + i + 1   # eager: read only the slots written so far
-                logits = step(nxt[:, None], t, index, cache)
-                index, t, cache.length = index + 1, t + 1, cache.length + 1
+                logits = self.decode(nxt[:, None], cache, compile)
             else:
                 input_ids = torch.cat((input_ids, nxt[:, None]), dim=1)
                 logits = self(input_ids, images, last_only=True)[0][:, -1]
