@@ -10,6 +10,7 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py --only=video       # data.load_video on a 10 s and a 20 min 320x240 30 fps mp4 and webm (PyAV,
                                        # written to --tmp): 8 frames, time and peak RSS
     python bench.py --only=eval        # eval.py rows/s: the toy (out/final) by batch size; NEO-2B-shaped s per row
+    python bench.py --only=prefill     # one NEO-2B layer's prefill vs transformers' Qwen3 layer (pip install transformers)
     python bench.py --repeats=3        # every figure 3 times: the spread tells noise from difference
 
 A busy process is one Python loop spinning on one core, the way a laptop's other work competes for the CPU.
@@ -372,6 +373,60 @@ def video_part(tmp, repeats):
         print(f"(decoding all 36,000 frames of the 20 min mp4, for comparison: {float(t):.1f} s, {rss} MiB)")
 
 
+PREFILL = r"""
+import statistics, sys, time, types, torch
+from transformers import Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+from neo import NEO, NEOConfig, Block, build_attention_mask, build_positions
+dtype = getattr(torch, sys.argv[1])
+torch.manual_seed(0)
+cfg = NEOConfig.preset("neo-2b")
+n = 36   # one photo at NEO 1.0's minimum budget: 36x36 tokens, with a short question around it
+ids = torch.tensor([[1] * 12 + [cfg.img_start_id] + [cfg.img_context_id] * n * n + [cfg.img_end_id] + [2] * 8])
+L = ids.shape[1]
+pos, img_id = build_positions(ids, [(n, n)], cfg)
+mask = build_attention_mask(torch.zeros_like(ids), img_id)
+rope = NEO.rope_tables(types.SimpleNamespace(cfg=cfg), pos, dtype)
+ours = Block(cfg).to(dtype).eval()
+qc = Qwen3Config(hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp, num_attention_heads=cfg.n_head,
+                 num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                 max_position_embeddings=40960, rope_theta=cfg.rope_theta)
+qc._attn_implementation = "sdpa"
+theirs = Qwen3DecoderLayer(qc, 0).to(dtype).eval()
+for m in (ours, theirs):
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+x = torch.randn(1, L, cfg.d_model, dtype=dtype)
+pe = Qwen3RotaryEmbedding(qc)(x, torch.arange(L)[None])
+run = {"nano-NEO Block (mixed mask)": lambda: ours(x, rope, mask),
+       "transformers Qwen3DecoderLayer (causal, sdpa)": lambda: theirs(x, attention_mask=None, position_embeddings=pe)}
+times = {k: [] for k in run}
+with torch.inference_mode():
+    for f in run.values():
+        f()
+    for _ in range(int(sys.argv[2])):
+        for k, f in run.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+for k, v in times.items():
+    print(f"{k}: {statistics.median(v):.3f} s ({min(v):.3f}-{max(v):.3f})")
+print(f"ratio {statistics.median(times[list(run)[0]]) / statistics.median(times[list(run)[1]]):.2f} ({L} tokens)")
+"""
+
+
+def prefill_part(repeats):
+    print("\n## prefill of one layer at NEO-2B's widths, one photo (1,316 tokens): ours vs transformers' Qwen3 layer "
+          "(pip install transformers by hand; median of 3 x --repeats)")
+    try:
+        import transformers  # noqa: F401  (measuring only: the project never imports it)
+    except ImportError:
+        print("(transformers is not installed: pip install transformers, then run again)")
+        return
+    for dt in ("float32", "bfloat16"):
+        print(f"{dt}:\n  " + python(["-c", PREFILL, dt, str(3 * repeats)]).strip().replace("\n", "\n  "))
+
+
 def rows_per_s(out):
     return float(re.search(r"\(([\d.]+) rows/s\)", out).group(1))
 
@@ -409,15 +464,15 @@ def eval_part(tmp, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b, video, eval")
+    p.add_argument("--only", default="train,decode,neo2b", help="comma-separated: train, decode, neo2b, video, eval, prefill")
     p.add_argument("--repeats", type=int, default=1, help="runs of every setting (default 1)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder and videos are written")
     a = p.parse_args()
     parts = {"train": lambda: train_part(a.repeats), "decode": lambda: decode_part(a.repeats),
              "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats),
-             "eval": lambda: eval_part(a.tmp, a.repeats)}
+             "eval": lambda: eval_part(a.tmp, a.repeats), "prefill": lambda: prefill_part(a.repeats)}
     if (bad := set(a.only.split(",")) - set(parts)) or a.repeats < 1:
-        sys.exit(f"bench.py: --only takes train, decode, neo2b, video, eval (got {', '.join(sorted(bad))}); --repeats >= 1")
+        sys.exit(f"bench.py: --only takes train, decode, neo2b, video, eval, prefill (got {', '.join(sorted(bad))}); --repeats >= 1")
     print(f"# bench.py: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
     t0 = time.perf_counter()
