@@ -131,6 +131,15 @@ def compile_layers(model):
         block.compile()
 
 
+def diverged(losses, factor=2.0):
+    """-> (the first loss, the mean of the last fifth) if that mean is over factor x the first loss, else None."""
+    k = len(losses) // 5
+    if k == 0:
+        return None
+    end = sum(losses[-k:]) / k
+    return (losses[0], end) if end > factor * losses[0] else None
+
+
 def compile_works(device, what="training"):
     """torch.compile needs a C++ compiler on a CPU (Triton on a GPU). Try it on a one-line function first, so
     a machine without one runs eagerly after a one-line note instead of failing at the first step."""

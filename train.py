@@ -1,10 +1,8 @@
 """
 Train NEO: the paper's three stages (and the toy's own llm and spatial stages), on a CPU for the toy or on many
 GPUs at full scale. Read top to bottom: the config, each stage's recipe, one stage (set up, the training loop that
-every stage runs through, finish), main. What the stages teach the toy: README, "The toy: ShapesWorld and the
-stages". Beside it: config.py reads the command line, evaluate.py scores a stage, common.py holds the machinery
-(device, CPU threads, compile, peak FLOP/s, the loss plot), bench.py times the step (--bench=True, --dtype=auto),
-ablate.py runs the design-choice ablation (the paper's Table 3).
+every stage runs through, finish), main. Beside it: config.py reads the command line, evaluate.py scores a stage,
+common.py holds the machinery, bench.py times the step (--bench=True, --dtype=auto).
 
     python train.py                                   # whole toy pipeline on ShapesWorld (~12-16 min on 2 cores)
     python train.py --stage=midtrain --max_iters=200  # one stage, starting from out/pretrain
@@ -16,10 +14,8 @@ ablate.py runs the design-choice ablation (the paper's Table 3).
         --init_from=/path/Qwen3-1.7B-Base --data=ann.jsonl --image_root=/path/images
     torchrun --standalone --nproc_per_node=8 train.py --stage=midtrain --model=neo-9b --fsdp=True ...
 
-Stages: llm (toy only: a text LM, the stand-in for a pretrained Qwen3) -> pretrain (patch embedding,
-Pre-Buffer and the new H/W q/k parts learn; the LLM is frozen) -> midtrain (everything; the toy keeps its
-patch embedding frozen) -> spatial (toy only, with --spatial_curriculum: yes/no spatial questions alone) -> sft
-(the same as midtrain, conversations). `--stage=all` runs them in order, each from the previous one's folder.
+Stages: llm (toy only: a text LM standing in for a pretrained Qwen3) -> pretrain (the LLM frozen) -> midtrain ->
+spatial (toy only, --spatial_curriculum) -> sft. `--stage=all` runs them in order (README, "The toy").
 """
 import errno
 import json
@@ -41,8 +37,8 @@ import checkpoint
 import data
 import shapes
 import tokenizer
-from common import (CoreShare, autocast, compile_layers, compile_works, draw_loss_curve, peak_flops, print0,
-                    setup_distributed, shard)
+from common import (CoreShare, autocast, compile_layers, compile_works, diverged, draw_loss_curve, peak_flops,
+                    print0, setup_distributed, shard)
 from evaluate import evaluate_stage
 from config import ConfigError, check_config, coerce, model_overrides, read_args  # (coerce: for ablate.py)
 from neo import NEO, NEOConfig, PRESETS, set_trainable
@@ -171,18 +167,13 @@ def parse_config(argv, saved=None):
 
 
 # Per-stage recipe. `paper`: the paper's (NEO: pretrain 8e-4 -> 0.05x, warm-up 2k of 190k steps; mid-train and SFT 5e-5
-# -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `scripts`: the released training scripts' (--recipe=scripts;
-# VLMTrainKit/scripts/2B_1PT.sh, 2B_2MTsi.sh, 2B_3SFTsi.sh; `scripts_9b`: the 8B_*.sh where they differ), which also
-# set each stage's packed row length (their --max_seq_length: pretrain's 16384, not its unused --model_max_length 8192)
-# and pixel budget; a warm-up under 1 is their --warmup_ratio, a fraction of the stage's steps, rounded up as Hugging
-# Face's Trainer rounds it (3% of 50,000 = 1,500). `toy`: what the toy uses instead; `toy_curriculum`: the toy's with
-# --spatial_curriculum=True, where it differs. The toy's LRs are higher because its "LLM" is a few minutes old and each
-# stage is a few hundred steps, not a pretrained Qwen3 fine-tuned for 100k steps: at 5e-5 a 5M-parameter model barely
-# moves. Pretrain gets about a quarter of the toy's time: its frozen-LLM caption steps are the cheapest way to teach
-# per-object features, and a short llm stage leaves some seeds with an LLM that pretrain cannot build on
-# (EXPERIMENTS.md, section 'Earlier findings'). Finding an object by its shape and listing 3-4 objects in order take
-# ~1,400 midtrain steps with the patch embedding frozen (EXPERIMENTS.md, section 'The patch embedding frozen after
-# pretrain, and twice the steps').
+# -> 0.1x; AdamW, wd 0.01, clip 1.0, cosine). `scripts` (--recipe=scripts): the released VLMTrainKit/scripts/2B_*.sh
+# (`scripts_9b`: 8B_*.sh where they differ), with each stage's row (their --max_seq_length; pretrain's unused
+# --model_max_length 8192 is not one) and pixel budget; a warm-up under 1 is their --warmup_ratio, rounded up as Hugging
+# Face's Trainer does. `toy`: the toy's own (`toy_curriculum`: with --spatial_curriculum=True): higher LRs, as its "LLM"
+# is minutes old and a stage a few hundred steps; pretrain gets ~a quarter of its time, midtrain ~1,400 steps to find
+# objects by shape and list them in order (EXPERIMENTS.md, sections 'Earlier findings' and 'The patch embedding frozen
+# after pretrain, and twice the steps').
 STAGES = {
     #          paper: (lr, min_lr_ratio, warm-up, iters)     toy: (lr, min_lr_ratio, warm-up, iters)
     #          scripts: (lr, min_lr_ratio, warm-up, iters,   row tokens, min_pixels, max_pixels)
@@ -338,8 +329,7 @@ def setup_stage(cfg, stage, init, procs, resume):
         model = load_stage_model(cfg, stage, init)
     row = stage_row(cfg, stage)
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, row)
-    # the stage's image budget lives in the model's config: the loader reads it there, and so do the stage folder's
-    # config.json, sample.py and the evaluation
+    # the stage's image budget lives in the model's config: the loader, config.json, sample.py and eval read it there
     model.cfg.min_pixels, model.cfg.max_pixels = stage_pixels(cfg, stage, model.cfg)
     set_trainable(model, stage)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -371,8 +361,7 @@ def setup_stage(cfg, stage, init, procs, resume):
     if cfg.grad_accum % procs.world:
         raise ConfigError(f"--grad_accum={cfg.grad_accum} (micro-steps per update, over all ranks) must be a "
                           f"multiple of the world size {procs.world}: e.g. --grad_accum={procs.world * cfg.grad_accum}")
-    # each stage its own data seed, by its place in STAGES (the optional spatial stage is last there, so it moves
-    # no other stage's seed)
+    # each stage its own data seed, by its place in STAGES (spatial, optional, is last there: it moves no other's)
     loader = make_loader(cfg, stage, enc, raw_model.cfg, procs.rank, procs.world, cfg.seed + list(STAGES).index(stage))
     if resume is not None:
         loader.load_state_dict(resume["data_state"])
@@ -457,8 +446,7 @@ def train_loop(cfg, st, procs, run):
                              f"thread{'s' if n > 1 else ''} (CoreShare)")
             t_log, tok_log = time.perf_counter(), 0
         if cfg.kill_at and run.step0 + st.step == cfg.kill_at:  # the resume tests: stop dead, as a crash would:
-            st.bar.close()                                       # no cleanup, so only what is on disk survives
-            print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")
+            st.bar.close(), print0(f"--kill_at={cfg.kill_at}: stopping dead (testing resume)")  # no cleanup
             os._exit(0)
 
 
@@ -549,15 +537,6 @@ def load_stage_model(cfg, stage, init):
     else:  # a trained NEO keeps its shape; only the switches may change
         ov = {k: v for k, v in ov.items() if k in ("rope", "mask")}
     return NEO.from_pretrained(init, dtype=torch.float32, **ov)  # float32 master weights; autocast does the rest
-
-
-def diverged(losses, factor=2.0):
-    """-> (the first loss, the mean of the last fifth) if that mean is over factor x the first loss, else None."""
-    k = len(losses) // 5
-    if k == 0:
-        return None
-    end = sum(losses[-k:]) / k
-    return (losses[0], end) if end > factor * losses[0] else None
 
 
 # -----------------------------------------------------------------------------
