@@ -221,6 +221,22 @@ def test_broken_image_row_is_skipped_and_counted(w, tmp_path, capsys):
     assert (t["scored"], t["skipped"]) == (1, 2)
 
 
+def test_jsonl_records_as_benchmark_rows(w, tmp_path, capsys):
+    """Our conversation records: the image path relative to the file's folder, the first user turn the question
+    (its <image> placeholder dropped: the preset puts the images), the next assistant turn the answer."""
+    os.makedirs(tmp_path / "img")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "img" / "a.png")
+    recs = [{"id": "r1", "image": "img/a.png", "category": "color", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    rows = ev.read_jsonl(str(tmp_path / "mine.jsonl"), str(tmp_path))
+    assert [(r["index"], r["question"], r["answer"], r["category"]) for r in rows] == \
+        [("r1", "What color is the square?", "red", "color")]
+    ev.main(["--data", str(tmp_path / "mine.jsonl"), "--init_from", str(w / "ours"), "--dry_run"])
+    assert capsys.readouterr().out == "### r1\n<|im_start|>user\n<img><IMG_CONTEXT>*4 (2x2)</img>What color is the " \
+                                      "square?<|im_end|>\n<|im_start|>assistant\n\n"
+
+
 @pytest.mark.parametrize("args,says", [
     (["--data", "nope.tsv"], "no such file"),
     (["--data", "{bad}", "--batch_size=0"], "--batch_size"),
