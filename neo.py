@@ -411,7 +411,7 @@ class KVCache:
                   for _ in range(cfg.n_layer_total)]
         self.valid = torch.ones(B, T, dtype=torch.bool, device=device)
         self.slots = torch.arange(T, device=device)
-        self.length, self.next_t, self.upto = 0, None, None
+        self.length, self.next_t, self.upto, self.padded = 0, None, None, False
 
     def update(self, i, k, v, index=None):
         """Layer i's new k, v (B, nkv, L, ch) -> what attention reads. A prompt (index None) goes after what is
@@ -527,7 +527,9 @@ class NEO(nn.Module):
         slot index (1,) -> next-token logits (B, V). Tensors in, tensors out: compiled once, it runs every step."""
         B = tok.shape[0]
         pos = torch.stack((t[:, None], torch.zeros_like(tok), torch.zeros_like(tok)))   # (3, B, 1)
-        mask = (cache.valid & (cache.slots <= index))[:, None, None, :cache.upto]        # (B, 1, 1, S): itself and before
+        mask = None  # eager without padding: every slot read may be seen
+        if cache.upto is None or cache.padded:
+            mask = (cache.valid & (cache.slots <= index))[:, None, None, :cache.upto]    # (B, 1, 1, S): itself and before
         x = self.embed_tokens(tok)
         rope = self.rope_tables(pos, x.dtype)
         for block in [*self.pre_buffer, *self.post_llm]:
@@ -562,7 +564,7 @@ class NEO(nn.Module):
         T = min(1 << (T - 1).bit_length() if compile else T, max(self.cfg.max_seq_len, L + 1))
         cache = KVCache(self.cfg, B, T, dev, next(self.parameters()).dtype) if use_cache else None
         if pad_mask is not None:
-            cache.valid[:, :L] = ~pad_mask
+            cache.valid[:, :L], cache.padded = ~pad_mask, True
         logits = self(input_ids, images, doc_ids=doc_ids, cache=cache, last_only=True)[0][:, -1]   # (B, V)
         if compile and self.compiled_decode is None:
             self.compiled_decode = torch.compile(self.decode_step, dynamic=False)
