@@ -98,6 +98,12 @@ class CoreShare:
         busy = sum(v) - v[3] - v[4]  # all but idle and iowait
         return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
 
+    def settle(self):
+        """The first thread count, after a full second of load seen (the rest of it slept out)."""
+        if self.last is not None:
+            time.sleep(max(0.0, 1.0 - (time.perf_counter() - self.last[0])))
+        return self.update()
+
     def update(self):
         """Set torch's thread count to the free cores seen since the last call; -> the new count if it changed."""
         now, last = self.sample(), self.last

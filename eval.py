@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data
 import sample
 import tokenizer
-from common import choose_device, compile_works
+from common import CoreShare, choose_device, compile_works
 from sample import K, SampleError
 
 # -----------------------------------------------------------------------------
@@ -442,6 +442,9 @@ def main(argv=None):
     device = choose_device(args.device)
     dtype = None if args.dtype == "auto" and device == "cpu" else getattr(
         torch, args.dtype if args.dtype != "auto" else "bfloat16" if "cuda" in device else "float32")
+    # on a CPU, threads follow the load (common.CoreShare): beside a busy process two spinning threads are slower
+    # than one, by ~10x when decoding the toy in batches; checked before every batch
+    cores = CoreShare(torch.get_num_threads()) if device == "cpu" else None
     model = sample.load_model(path, device, dtype, enc)
     # compiling takes tens of seconds on a CPU and pays back over many decode steps
     compile = args.compile == "True" or (args.compile == "auto" and len(todo) >= 8 * args.batch_size)
@@ -454,6 +457,8 @@ def main(argv=None):
     with open(pred_file, "a", encoding="utf-8") as f, torch.inference_mode():
         bar = tqdm(total=len(todo), desc=name, unit="row")
         for i in range(0, len(todo), args.batch_size):
+            if cores:
+                cores.settle() if i == 0 else cores.update()
             batch = []
             for r in todo[i:i + args.batch_size]:
                 p, why = prompt_of(r)
