@@ -6,7 +6,8 @@ What nano-NEO costs on this machine, side by side in one run (each setting in it
     python bench.py --only=decode      # toy decode tok/s: cached vs not, quiet and beside a busy process
     python bench.py --only=neo2b       # a NEO-2B-shaped bf16 folder with random weights in the released layout:
                                        # save, load (time, peak RSS), prefill of one 1152x1152 photo, decode,
-                                       # and sample.py on it (needs ~12 GB RAM and 6 GB free disk in --tmp)
+                                       # the same with --quantize=int8 beside bf16, and sample.py on it
+                                       # (needs ~12 GB RAM and 6 GB free disk in --tmp)
     python bench.py --only=video       # data.load_video on a 10 s and a 20 min 320x240 30 fps mp4 and webm (PyAV,
                                        # written to --tmp): 8 frames, time and peak RSS
     python bench.py --only=eval        # eval.py rows/s: the toy (out/final) by batch size; NEO-2B-shaped s per row
@@ -319,11 +320,45 @@ print("  " + "\n  ".join(l for l in p.stderr.splitlines() if l.strip()))
 """
 
 
-def neo2b_part(tmp):
+INT8 = r"""
+import copy, sys, time, torch
+from neo import NEO, KVCache
+from quantize import quantize_int8
+models = {"bf16": NEO.from_pretrained(sys.argv[1]).eval()}
+models["int8"] = copy.deepcopy(models["bf16"])
+print(quantize_int8(models["int8"]))
+cfg, n_vis, rounds = models["bf16"].cfg, (1152 // 32) ** 2, int(sys.argv[2])
+ids = torch.tensor([[1] * 12 + [cfg.img_start_id] + [cfg.img_context_id] * n_vis + [cfg.img_end_id] + [2] * 8])
+img = torch.randn(3, 1152, 1152, dtype=torch.bfloat16)
+pre, dec, caches, nxt = {}, {}, {}, {}
+with torch.inference_mode():
+    for name, model in models.items():   # prefill once each, then decode in turns: a shared CPU's drift
+        caches[name] = KVCache(cfg, 1, ids.shape[1] + 9 * rounds, "cpu", torch.bfloat16)   # falls on both alike
+        t0 = time.perf_counter()
+        logits, _ = model(ids, [img], cache=caches[name], last_only=True)
+        pre[name] = (time.perf_counter() - t0) / cfg.n_layer_total
+        nxt[name] = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(rounds):
+        for name, model in models.items():
+            model(nxt[name], cache=caches[name], last_only=True)   # one step's warm-up
+            t0 = time.perf_counter()
+            for _ in range(8):
+                model(nxt[name], cache=caches[name], last_only=True)
+            dec.setdefault(name, []).append(8 / (time.perf_counter() - t0))
+print(f"--quantize=int8 beside bf16 in one process: prefill once, then decode {rounds} times in turns (median, "
+      f"min-max):")
+for name, v in dec.items():
+    v = sorted(v)
+    print(f"  {name}: prefill {pre[name]:.3f} s per layer, decode {v[len(v) // 2]:.2f} ({v[0]:.2f}-{v[-1]:.2f}) tok/s")
+"""
+
+
+def neo2b_part(tmp, repeats=1):
     print("\n## a NEO-2B-shaped model (2.6B parameters, bf16, random weights) in the released layout")
     with tempfile.TemporaryDirectory(prefix="neo2b_", dir=tmp, ignore_cleanup_errors=True) as folder:
         print(python(["-c", SAVE, folder]).strip().splitlines()[-1])
         print("\n".join(python(["-c", LOAD, folder]).strip().splitlines()[-2:]))
+        print("\n".join(python(["-c", INT8, folder, str(max(repeats, 3))]).strip().splitlines()[-4:]))
         print(python(["-c", SAMPLE, folder]).rstrip())  # the whole command a user types, on that folder
 
 
@@ -469,7 +504,7 @@ def main():
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the NEO-2B folder and videos are written")
     a = p.parse_args()
     parts = {"train": lambda: train_part(a.repeats), "decode": lambda: decode_part(a.repeats),
-             "neo2b": lambda: neo2b_part(a.tmp), "video": lambda: video_part(a.tmp, a.repeats),
+             "neo2b": lambda: neo2b_part(a.tmp, a.repeats), "video": lambda: video_part(a.tmp, a.repeats),
              "eval": lambda: eval_part(a.tmp, a.repeats), "prefill": lambda: prefill_part(a.repeats)}
     if (bad := set(a.only.split(",")) - set(parts)) or a.repeats < 1:
         sys.exit(f"bench.py: --only takes train, decode, neo2b, video, eval, prefill (got {', '.join(sorted(bad))}); --repeats >= 1")

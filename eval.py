@@ -37,6 +37,7 @@ import data
 import sample
 import tokenizer
 from common import CoreShare, choose_device, compile_works
+from quantize import quantize_int8
 from sample import K, SampleError
 
 # -----------------------------------------------------------------------------
@@ -360,11 +361,14 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default auto: bfloat16 on a GPU, the checkpoint's on a CPU")
+    p.add_argument("--quantize", default="none", help="int8: weight-only int8 Linear layers, as sample.py; none "
+                   "(default)")
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.limit < 0 or (a.max_new_tokens is not None and a.max_new_tokens < 1) or \
             (a.temperature is not None and not 0 <= a.temperature < float("inf")):
         raise SampleError("--batch_size and --max_new_tokens must be at least 1, --limit 0 or more, --temperature 0 "
                           "(greedy) or more")
+    sample.check_quantize(a.quantize)
     for k in ("system", "top_k", "top_p", "repetition_penalty"):  # sample.settings reads these flags too
         setattr(a, k, None)
     return a
@@ -446,6 +450,8 @@ def main(argv=None):
     # than one, by ~10x when decoding the toy in batches; checked before every batch
     cores = CoreShare(torch.get_num_threads()) if device == "cpu" else None
     model = sample.load_model(path, device, dtype, enc)
+    if args.quantize == "int8":
+        print(quantize_int8(model), file=sys.stderr)
     # compiling takes tens of seconds on a CPU and pays back over many decode steps
     compile = args.compile == "True" or (args.compile == "auto" and len(todo) >= 8 * args.batch_size)
     compile = compile and compile_works(device, "decoding")

@@ -16,6 +16,7 @@ and modeling_neo_vit.py there), and reproduces their logits (python -m pytest -q
     python sample.py --draw_mask mask.png                   # this file's indices and mask, drawn
 """
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -280,18 +281,31 @@ def build_block_mask(doc_ids, img_id, mixed=True):
     return create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
 
 
-_flex_attention = None
+_flex_attention, _flex_failed, _dense_of = None, False, (None, None)
 
 
 def attention(q, k, v, mask, scale):
     """q (B, nh, L, 2D), k (B, nkv, S, 2D), v (B, nkv, S, D) -> (B, nh, L, D).
-    mask: None (attend to everything: single-token decode), a bool (B, 1, L, S) tensor, or a BlockMask."""
-    global _flex_attention
+    mask: None (attend to everything: single-token decode), a bool (B, 1, L, S) tensor, or a BlockMask.
+    If FlexAttention fails (it is reported not to compile for q/k this wide on GPUs with less shared memory than
+    an H100), every BlockMask from then on becomes the dense boolean mask of its own rule, for SDPA."""
+    global _flex_attention, _flex_failed, _dense_of
     if mask is not None and not isinstance(mask, torch.Tensor):  # BlockMask -> FlexAttention
-        if _flex_attention is None:
-            from torch.nn.attention.flex_attention import flex_attention
-            _flex_attention = torch.compile(flex_attention, dynamic=False)
-        return _flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+        if not _flex_failed:
+            try:
+                if _flex_attention is None:
+                    from torch.nn.attention.flex_attention import flex_attention
+                    _flex_attention = torch.compile(flex_attention, dynamic=False)
+                return _flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+            except Exception as e:  # a compile or launch error: say so once, then SDPA for good
+                _flex_failed = True
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"FlexAttention failed ({type(e).__name__}: {why}); SDPA with the mixed mask as a dense boolean "
+                      f"mask from now on", file=sys.stderr)
+        if _dense_of[0] is not mask:  # one dense mask per BlockMask, not one per layer
+            from torch.nn.attention.flex_attention import create_mask
+            _dense_of = (mask, create_mask(mask.mask_mod, q.shape[0], 1, *mask.seq_lengths, q.device))
+        mask = _dense_of[1]   # (B, 1, L, S) bool, then the dense path below
     if q.device.type == "cpu" and (mask is None or q.requires_grad or q.shape[2] == 1):  # decoding, training: few ops
         return attention_math(q, k, v, mask, scale)
     if q.device.type == "cpu":  # a masked prefill: SDPA's fused kernel (2x the math path for a photo's 1,300

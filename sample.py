@@ -7,6 +7,7 @@ Ask NEO about an image, several images or a video, and watch the answer stream o
     python sample.py --image cat.jpg --show_attention attn.png      # where the answer looked
     python sample.py --draw_mask mask.png                           # NEO's (t, h, w) indices and mask, drawn
     python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --device cuda   # the authors' weights
+    python sample.py --init_from /path/NEO1_0-2B-SFT --image cat.jpg --quantize=int8  # int8 weights (CPU)
     python sample.py --init_from /path/NEO1_5-2B-SFT --video clip.mp4 --dry_run   # the prompt, no weights needed
 
 --init_from takes a released NEO folder (config.json, safetensors, tokenizer files), a folder train.py wrote
@@ -37,6 +38,7 @@ import data
 import tokenizer
 from common import choose_device, probe_cpu
 from neo import NEO, KVCache, NEOConfig, build_attention_mask, build_positions
+from quantize import quantize_int8
 
 ATTN_LAYERS = 4  # --show_attention averages over the last this-many layers (all heads)
 K = 32 * 32      # pixels of one visual token
@@ -167,6 +169,8 @@ def get_args(argv=None):
                    help="divide (multiply if < 0) the logit of every id seen so far, prompt included; 1 = off")
     p.add_argument("--seed", type=int, default=1337, help="for sampling (default 1337)")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
+    p.add_argument("--quantize", default="none", help="int8: weight-only int8 Linear layers, per output channel "
+                   "(half bf16's bytes a token); none (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default auto: bfloat16 on a GPU; on a CPU whichever of float32 and bfloat16 runs faster here")
     p.add_argument("--min_pixels", type=int, default=None, help="per image and video frame (default: the preset's)")
@@ -469,6 +473,8 @@ def main(argv=None):
 
     model = load_model(path, device, dtype, enc)
     print(describe(name, s), file=sys.stderr)  # after the last error that can stop us: one line per failure
+    if args.quantize == "int8":  # before --dtype=auto's probe, so that it times the int8 layer
+        print(quantize_int8(model), file=sys.stderr)
     if auto_cpu:
         dtype, threads = choose_cpu_setting(model, L, n_new)
         model.to(dtype)
@@ -480,6 +486,7 @@ def main(argv=None):
 
 def check_args(args):
     """Every flag's range, before any work (SampleError)."""
+    check_quantize(args.quantize)
     if not args.image and not args.video:
         raise SampleError("nothing to look at: pass --image FILE (repeatable) or --video PATH")
     bad = [f"--{k}={v}" for k, v, ok in (
@@ -502,6 +509,11 @@ def check_args(args):
         if getattr(args, flag) is not None and not K <= getattr(args, flag) <= data.MAX_PIXELS:
             raise SampleError(f"--{flag}={getattr(args, flag)} is outside 1024 (one 32x32 visual token) to "
                               f"{data.MAX_PIXELS} (data.MAX_PIXELS, a 4096x4096 image)")
+
+
+def check_quantize(value):
+    if value not in ("none", "int8"):
+        raise SampleError(f"--quantize={value}: choose int8 (weight-only int8 Linear layers) or none")
 
 
 def load_visuals(args, s, authors):

@@ -208,6 +208,14 @@ def test_batched_equals_one_at_a_time_and_a_killed_run_resumes(w, tmp_path, monk
     assert [r["prediction"] for r in table] == [p["prediction"] for p in one] and "image" not in table[0]
 
 
+def test_quantize_int8(w, tmp_path, capsys):
+    """--quantize=int8: one line says what became int8, and every row is answered."""
+    shapes.export_tsv(str(tmp_path / "ShapesWorld.tsv"), n=1)
+    got = run_eval(w, tmp_path, "--batch_size=4", "--quantize=int8", "--limit=5", f"--results={tmp_path / 'res'}")
+    assert "int8: 28 Linear layers (lm_head included)" in capsys.readouterr().err
+    assert len(got) == 5 and all(isinstance(p["prediction"], str) for p in got)
+
+
 def test_broken_image_row_is_skipped_and_counted(w, tmp_path, capsys):
     rows = [{"index": "1", "image": b64((64, 64)), "question": "How many shapes are there?", "answer": "1"},
             {"index": "2", "image": b64((64, 64))[:48], "question": "How many shapes are there?", "answer": "1"},
@@ -240,7 +248,8 @@ def test_jsonl_records_as_benchmark_rows(w, tmp_path, capsys):
 @pytest.mark.parametrize("args,says", [
     (["--data", "nope.tsv"], "no such file"),
     (["--data", "{bad}", "--batch_size=0"], "--batch_size"),
-    (["--data", "{bad}"], "not a benchmark TSV")])
+    (["--data", "{bad}"], "not a benchmark TSV"),
+    (["--data", "{bad}", "--quantize=fp8"], "--quantize=fp8: choose int8")])
 def test_bad_inputs_are_one_line(w, tmp_path, args, says):
     import subprocess
     import sys

@@ -202,6 +202,36 @@ def test_flex_attention_equals_sdpa():
     assert (ref - got).abs().max().item() < 1e-4
 
 
+def test_flex_failure_falls_back_to_sdpa_once(monkeypatch, capsys):
+    """If the FlexAttention call raises (as its compile does for q/k 256 wide on GPUs with less shared memory than an
+    H100), one line says so and every forward from then on runs SDPA with the BlockMask's rule as a dense boolean
+    mask: the logits are the dense-mask path's, bit for bit, and Flex is not tried again."""
+    import neo
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("No valid triton configs. OutOfResources: out of resource: shared memory\nmore detail")
+    monkeypatch.setattr(neo, "_flex_attention", broken)
+    monkeypatch.setattr(neo, "_flex_failed", False, raising=False)
+    monkeypatch.setattr(neo, "_dense_of", (None, None), raising=False)
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = NEO(cfg).eval()
+    ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5] + span(cfg, 1, 2) + [6, 0, 0, 0]])
+    doc = torch.tensor([[0] * 9 + [1] * 7 + [-1] * 3])
+    imgs = [torch.randn(3, 64, 64), torch.randn(3, 32, 64)]
+    with torch.no_grad():
+        ref, _ = model(ids, imgs, doc_ids=doc)  # the dense mask of build_attention_mask (a CPU's default)
+        model.cfg.attn = "flex"
+        got = [model(ids, imgs, doc_ids=doc)[0] for _ in range(2)]
+    assert calls == [1]  # the first layer of the first forward; never again
+    err = capsys.readouterr().err.strip()
+    assert err == ("FlexAttention failed (RuntimeError: No valid triton configs. OutOfResources: out of resource: "
+                   "shared memory); SDPA with the mixed mask as a dense boolean mask from now on")
+    assert all(torch.equal(g, ref) for g in got)
+
+
 def test_cached_generation_equals_uncached():
     """Greedy decoding through the KV cache gives the tokens of the no-cache reference (image in prompt)."""
     torch.manual_seed(0)

@@ -107,6 +107,17 @@ def test_released_layout_with_tokenizer_folder(w):
     assert "preset neo-ov: system 'Reason step by step.'" in p.stderr and "top_p 0.95, top_k 20" in p.stderr
 
 
+def test_quantize_int8(w):
+    """--quantize=int8 on our folder (--dtype=auto then times the int8 layer) and on the released layout in bf16:
+    one line says what became int8, then the answer."""
+    for args, says in ((["--init_from", "ours"], "28 Linear layers (lm_head included) and the token embedding (tied"),
+                       (["--init_from", "released", "--dtype=bfloat16", "--max_pixels=65536"],
+                        "37 Linear layers (lm_head included) and the token embedding, per")):  # 3 or 4 layers x 9 + 1
+        p = ok(run(*args, "--image", "photo.jpg", "--quantize=int8", "--max_new_tokens=8", cwd=w))
+        assert "int8: " + says in p.stderr, p.stderr
+        assert len(p.stdout) > 1
+
+
 def test_gif_video(w):
     """An animated GIF: frames sampled, each its own image after a timestamp."""
     ok(run("--init_from", "ours", "--video", "clip.gif", "--num_frames=3", "--max_new_tokens=4", cwd=w))
@@ -315,6 +326,7 @@ def test_more_bad_inputs_end_in_one_line(w):
         (img + ["--prompt", "What is in <image> here?"], "--prompt holds '<image>'"),
         (img + ["--system", "Look at <image>."], "--system holds '<image>'"),
         (img + ["--temperature=nan"], "--temperature a number"),
+        (img + ["--quantize=int4"], "--quantize=int4: choose int8"),
         (img + ["--show_attention", "no_such_dir/attn.png"], "does not exist"),
         (["--draw_mask", "no_such_dir/mask.png"], "does not exist"),
         (["--init_from", "ours", "--image", "dot.png", "--min_pixels=10000000000", "--max_pixels=10000000000"],
