@@ -468,7 +468,7 @@ def rows_per_s(out):
 
 def eval_part(tmp, repeats):
     print("\n## eval.py: the toy (out/final) on ShapesWorld's TSV (200 held-out rows), by batch size; a NEO-2B-shaped "
-          "folder (random bf16 weights) on 20 MMBench-style rows, one at a time, --max_new_tokens=8")
+          "folder (random weights) on 20 MMBench-style rows, --max_new_tokens=8")
     with tempfile.TemporaryDirectory(prefix="eval_", dir=tmp, ignore_cleanup_errors=True) as folder:
         tsv = os.path.join(folder, "ShapesWorld.tsv")
         python(["shapes.py", f"--tsv={tsv}", "--n=20"])
@@ -492,9 +492,11 @@ def eval_part(tmp, repeats):
             rows.append(f"{i}\t{base64.b64encode(buf.getvalue()).decode()}\tWhat is shown?\tcat\tdog\tA")
         with open(os.path.join(folder, "MMBench_DEV_EN.tsv"), "w") as f:
             f.write("index\timage\tquestion\tA\tB\tanswer\n" + "\n".join(rows) + "\n")
-        out = python(["eval.py", f"--data={folder}/MMBench_DEV_EN.tsv", f"--init_from={neo2b}", "--batch_size=1",
-                      "--max_new_tokens=8", f"--results={folder}/neo2b_out"], timeout=7200)
-        print(f"NEO-2B-shaped, 20 rows: {1 / rows_per_s(out):.1f} s per row")
+        for bs in (1, 4):  # 256x256 px a photo (64 tokens; NEO 1.0's own minimum, 1,280, takes minutes a row here)
+            out = python(["eval.py", f"--data={folder}/MMBench_DEV_EN.tsv", f"--init_from={neo2b}", "--dtype=float32",
+                          f"--batch_size={bs}", "--max_pixels=65536", "--max_new_tokens=8",
+                          f"--results={folder}/neo2b_{bs}"], timeout=7200)
+            print(f"NEO-2B-shaped, float32, 20 rows of one 256x256 photo, batch {bs}: {1 / rows_per_s(out):.1f} s a row")
 
 
 def main():
