@@ -187,14 +187,18 @@ def test_math_attention_equals_sdpa():
                                                               enable_gqa=True), atol=1e-5)
 
 
-def test_flex_attention_equals_sdpa():
-    """FlexAttention with a BlockMask from the same rule gives the SDPA result (compiles on CPU: ~25 s)."""
+def flex_case():
+    """A tiny model and a pack of two documents with two images and padding, for the FlexAttention tests."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    model = NEO(cfg).eval()
     ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5] + span(cfg, 1, 2) + [6, 0, 0, 0]])
     doc = torch.tensor([[0] * 9 + [1] * 7 + [-1] * 3])
-    imgs = [torch.randn(3, 64, 64), torch.randn(3, 32, 64)]
+    return NEO(cfg).eval(), ids, doc, [torch.randn(3, 64, 64), torch.randn(3, 32, 64)]
+
+
+def test_flex_attention_equals_sdpa():
+    """FlexAttention with a BlockMask from the same rule gives the SDPA result (compiles on CPU: ~25 s)."""
+    model, ids, doc, imgs = flex_case()
     with torch.no_grad():
         ref, _ = model(ids, imgs, doc_ids=doc)
         model.cfg.attn = "flex"
@@ -215,12 +219,7 @@ def test_flex_failure_falls_back_to_sdpa_once(monkeypatch, capsys):
     monkeypatch.setattr(neo, "_flex_attention", broken)
     monkeypatch.setattr(neo, "_flex_failed", False, raising=False)
     monkeypatch.setattr(neo, "_dense_of", (None, None), raising=False)
-    torch.manual_seed(0)
-    cfg = tiny_cfg()
-    model = NEO(cfg).eval()
-    ids = torch.tensor([[1, 2] + span(cfg, 2, 2) + [3, 4, 5] + span(cfg, 1, 2) + [6, 0, 0, 0]])
-    doc = torch.tensor([[0] * 9 + [1] * 7 + [-1] * 3])
-    imgs = [torch.randn(3, 64, 64), torch.randn(3, 32, 64)]
+    model, ids, doc, imgs = flex_case()
     with torch.no_grad():
         ref, _ = model(ids, imgs, doc_ids=doc)  # the dense mask of build_attention_mask (a CPU's default)
         model.cfg.attn = "flex"
