@@ -358,7 +358,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="for sampling presets (neo-ov)")
     p.add_argument("--compile", default="False", choices=["True", "False"],
                    help="compile the decode step (neo.NEO.decode_step): ~30 s per batch shape on a CPU, then 1.4-2.3x "
-                        "faster decoding of the toy (README, 'Evaluate'); default False")
+                        "faster decoding of the toy (README, 'Efficiency on a CPU'); default False")
     p.add_argument("--device", default="auto", help="auto (default)|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default auto: bfloat16 on a GPU, the checkpoint's on a CPU")
