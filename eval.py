@@ -330,8 +330,7 @@ def answer_batch(model, prompts, s, enc, n_ctx, seed, compile=False):
     n_new = min(s["max_new_tokens"], n_ctx - L)
     out = model.generate(x, imgs, max_new_tokens=n_new, temperature=s["temperature"], top_k=s["top_k"],
                          top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], eos_id=ids["im_end"], seed=seed,
-                         vocab_limit=enc.n_vocab, pad_mask=pad if L > min(len(p["input_ids"]) for p in prompts) else None,
-                         compile=compile)
+                         vocab_limit=enc.n_vocab, pad_mask=pad if pad.any() else None, compile=compile)
     return ["".join(sample.stripped(sample.text_pieces(row, enc, {ids["im_end"]}))) for row in out.tolist()]
 
 
@@ -377,10 +376,12 @@ def get_args(argv=None):
 
 def shown(enc, prompt, cfg):
     """The prompt as text, each image span written as <img><IMG_CONTEXT>*N (rows x cols)</img>."""
-    text, spans = enc.decode(prompt["input_ids"]), iter(prompt["images"])
-    return re.sub("(?:<IMG_CONTEXT>)+", lambda m: "<IMG_CONTEXT>*{} ({}x{})".format(
-        len(m.group(0)) // 13, *(lambda im: (im.shape[1] // cfg.token_px, im.shape[2] // cfg.token_px))(next(spans))),
-        text)
+    grids = iter([(im.shape[1] // cfg.token_px, im.shape[2] // cfg.token_px) for im in prompt["images"]])
+
+    def span(m):  # one run of <IMG_CONTEXT> tokens: its image's grid, in order
+        rows, cols = next(grids)
+        return f"<IMG_CONTEXT>*{rows * cols} ({rows}x{cols})"
+    return re.sub("(?:<IMG_CONTEXT>)+", span, enc.decode(prompt["input_ids"]))
 
 
 def load_done(path):
